@@ -1,0 +1,44 @@
+"""Azure Functions entry point (Python v2 model): wires triggers to the gateway's plain functions.
+
+HTTP functions take and return the ``azurefunctions-extensions-http-fastapi`` types, so streams
+reach the client chunk by chunk; ``host.json`` sets ``routePrefix`` to "" so paths are AOAI's.
+Nothing here does I/O at import: the runtime builds its clients on first use, in the worker's loop.
+"""
+
+import azure.functions as func
+from azurefunctions.extensions.http.fastapi import Request, StreamingResponse
+
+from gateway import GatewayRuntime, not_routed, proxy_request
+
+app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
+runtime = GatewayRuntime()
+
+
+@app.route(route="openai/deployments/{deployment}/chat/completions", methods=["POST"])
+async def chat_completions(req: Request) -> StreamingResponse:
+    return await proxy_request(runtime, req, operation="chat/completions", v1=False)
+
+
+@app.route(route="openai/deployments/{deployment}/completions", methods=["POST"])
+async def completions(req: Request) -> StreamingResponse:
+    return await proxy_request(runtime, req, operation="completions", v1=False)
+
+
+@app.route(route="openai/deployments/{deployment}/embeddings", methods=["POST"])
+async def embeddings(req: Request) -> StreamingResponse:
+    return await proxy_request(runtime, req, operation="embeddings", v1=False)
+
+
+@app.route(route="openai/v1/chat/completions", methods=["POST"])
+async def v1_chat_completions(req: Request) -> StreamingResponse:
+    return await proxy_request(runtime, req, operation="chat/completions", v1=True)
+
+
+@app.route(route="openai/v1/embeddings", methods=["POST"])
+async def v1_embeddings(req: Request) -> StreamingResponse:
+    return await proxy_request(runtime, req, operation="embeddings", v1=True)
+
+
+@app.route(route="{*path}")
+async def not_found(req: Request) -> StreamingResponse:
+    return await not_routed(req)

@@ -1,0 +1,41 @@
+"""A streaming Azure OpenAI gateway for Azure Functions: failover, exact usage, quotas."""
+
+from gateway._exceptions import (
+    BadRequest,
+    GatewayError,
+    MethodNotAllowed,
+    NoBackendAvailable,
+    NotFound,
+    PayloadTooLarge,
+    RequestError,
+    SettingsError,
+    Unauthorized,
+    UpstreamFailed,
+)
+from gateway._functions import not_routed, proxy_request
+from gateway._records import LoggingSink, Usage, UsageRecord, UsageSink
+from gateway._runtime import GatewayRuntime
+from gateway._settings import BackendConfig, Settings, load_settings
+
+__all__ = [
+    "BackendConfig",
+    "BadRequest",
+    "GatewayError",
+    "GatewayRuntime",
+    "LoggingSink",
+    "MethodNotAllowed",
+    "NoBackendAvailable",
+    "NotFound",
+    "PayloadTooLarge",
+    "RequestError",
+    "Settings",
+    "SettingsError",
+    "Unauthorized",
+    "UpstreamFailed",
+    "Usage",
+    "UsageRecord",
+    "UsageSink",
+    "load_settings",
+    "not_routed",
+    "proxy_request",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from gateway._serve import main
+
+sys.exit(main())

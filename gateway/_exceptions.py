@@ -1,0 +1,115 @@
+"""The gateway's exceptions, in one tree.
+
+    SettingsError (a ValueError, shared with ``usage``): a setting is missing or malformed
+
+    GatewayError
+    └── RequestError             the gateway answers the request itself, AOAI-shaped
+        ├── BadRequest           400
+        ├── Unauthorized         401
+        ├── NotFound             404
+        ├── MethodNotAllowed     405
+        ├── PayloadTooLarge      413
+        ├── QuotaExceeded        429, the caller's own token quota
+        ├── NoBackendAvailable   429 (all cooling after throttling) or 503, with Retry-After
+        └── UpstreamFailed       502 / 504, every attempt failed without an HTTP answer
+
+Errors from aiohttp and the Azure SDKs are mapped to these at the edge (``raise ... from exc``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+
+from usage._config import SettingsError as SettingsError  # re-exported
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose."""
+
+
+class RequestError(GatewayError):
+    """An error answered to the client as ``{"error": {"code", "message"}}``."""
+
+    status: int = 400
+    code: str = "BadRequest"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def body(self) -> bytes:
+        return json.dumps({"error": {"code": self.code, "message": self.message}}).encode()
+
+
+class BadRequest(RequestError):
+    status = 400
+    code = "BadRequest"
+
+
+class Unauthorized(RequestError):
+    status = 401
+    code = "401"
+
+
+class NotFound(RequestError):
+    status = 404
+    code = "404"
+
+
+class MethodNotAllowed(RequestError):
+    status = 405
+    code = "MethodNotAllowed"
+
+
+class PayloadTooLarge(RequestError):
+    status = 413
+    code = "RequestEntityTooLarge"
+
+
+def retry_after_headers(seconds: float) -> dict[str, str]:
+    """``Retry-After`` (whole seconds, rounded up) and ``retry-after-ms`` for a wait of ``seconds``."""
+    seconds = max(seconds, 0.0)
+    return {
+        "Retry-After": str(max(1, math.ceil(seconds))),
+        "retry-after-ms": str(max(1, math.ceil(seconds * 1000))),
+    }
+
+
+class QuotaExceeded(RequestError):
+    status = 429
+    code = "429"
+
+
+class NoBackendAvailable(RequestError):
+    """No backend can take the request now; ``retry_after`` says when one can."""
+
+    status = 429
+    code = "429"
+
+    def __init__(self, message: str, *, retry_after: float, throttled: bool) -> None:
+        super().__init__(
+            message,
+            status=429 if throttled else 503,
+            code="429" if throttled else "ServiceUnavailable",
+            headers=retry_after_headers(retry_after),
+        )
+        self.retry_after = retry_after
+
+
+class UpstreamFailed(RequestError):
+    status = 502
+    code = "BadGateway"

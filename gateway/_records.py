@@ -1,0 +1,81 @@
+"""The usage record the proxy produces for every request, and where it goes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Protocol
+
+log = logging.getLogger(__name__)
+
+UsageSource = Literal["reported", "estimated", "none"]
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @classmethod
+    def from_body(cls, usage: Any) -> Usage | None:
+        """Read an AOAI ``usage`` object (chat, completions or embeddings); ``None`` if absent."""
+        if not isinstance(usage, dict):
+            return None
+
+        def number(container: Any, key: str) -> int:
+            value = container.get(key) if isinstance(container, dict) else None
+            return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+        prompt = number(usage, "prompt_tokens")
+        completion = number(usage, "completion_tokens")
+        return cls(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=number(usage, "total_tokens") or prompt + completion,
+            cached_tokens=number(usage.get("prompt_tokens_details"), "cached_tokens"),
+            reasoning_tokens=number(usage.get("completion_tokens_details"), "reasoning_tokens"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """What one request through the gateway used."""
+
+    request_id: str
+    time: str  # ISO 8601, UTC, when the request arrived
+    key_name: str
+    deployment: str
+    model: str
+    backend: str
+    operation: str
+    streaming: bool
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cached_tokens: int
+    reasoning_tokens: int
+    usage_source: UsageSource
+    status: int
+    latency_ms: float
+    ttfb_ms: float | None
+    outcome: str  # complete, client_disconnected, upstream_cut, upstream_error
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class UsageSink(Protocol):
+    """Receives usage records; ``emit`` is called on the request path and must not block."""
+
+    def emit(self, record: UsageRecord) -> None: ...
+
+
+class LoggingSink:
+    """Writes each record as one JSON log line (the local run's sink until Service Bus is wired)."""
+
+    def emit(self, record: UsageRecord) -> None:
+        log.info("usage %s", json.dumps(record.to_dict(), separators=(",", ":")))

@@ -1,0 +1,105 @@
+"""The process's long-lived clients, made inside the running loop and closed at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random as _random
+import time
+from collections.abc import Callable, Mapping
+
+import aiohttp
+
+from gateway import _tokens
+from gateway._auth import KeyCache
+from gateway._backends import BackendPool
+from gateway._credentials import TokenProvider
+from gateway._proxy import Proxy
+from gateway._records import LoggingSink, UsageSink
+from gateway._settings import Settings, load_settings
+from usage._config import read_environment
+from usage._keys import KeyStore
+from usage._tables import open_table_service
+
+log = logging.getLogger(__name__)
+
+
+class GatewayRuntime:
+    """Holds one session, one credential, one table client and the ``Proxy`` built on them.
+
+    Nothing happens at construction: ``start`` (or the first ``proxy()``) builds everything in
+    the running event loop, ``close`` releases it. The Functions host calls ``proxy()`` lazily;
+    the local host and tests call ``start`` with their own settings, clock and sink.
+    """
+
+    def __init__(self) -> None:
+        self._proxy: Proxy | None = None
+        self._closers: list[Callable[[], object]] = []
+        self._lock: asyncio.Lock | None = None  # made in the loop that first starts the runtime
+        self._warming: asyncio.Future[None] | None = None
+
+    async def start(
+        self,
+        settings: Settings | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        random: Callable[[], float] = _random.random,
+        sink: UsageSink | None = None,
+    ) -> Proxy:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._proxy is not None:
+                return self._proxy
+            if settings is None:
+                settings = load_settings(read_environment() if env is None else env)
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True),
+                auto_decompress=False,
+            )
+            self._closers.append(session.close)
+            credential = None
+            if settings.needs_credential:
+                from azure.identity.aio import DefaultAzureCredential
+
+                credential = DefaultAzureCredential()
+                self._closers.append(credential.close)
+            tables = open_table_service(settings.storage, credential=credential, session=session)
+            self._closers.append(tables.close)
+            store = KeyStore(tables, secret=settings.key_hash_secret)
+            self._proxy = Proxy(
+                settings,
+                session=session,
+                keys=KeyCache(store, ttl=settings.key_cache_seconds, clock=clock,
+                              secret=settings.key_hash_secret),
+                pool=BackendPool(settings.backends, clock=clock, random=random),
+                tokens=None if credential is None else TokenProvider(credential, wall_clock=wall_clock),
+                sink=sink or LoggingSink(),
+                clock=clock,
+                wall_clock=wall_clock,
+            )
+            self._warming = asyncio.get_running_loop().run_in_executor(None, _tokens.warm)
+            log.info("gateway started with %d backend(s): %s", len(settings.backends),
+                     ", ".join(b.name for b in settings.backends))
+            return self._proxy
+
+    async def proxy(self) -> Proxy:
+        """The running proxy, started from the environment on first use."""
+        return self._proxy if self._proxy is not None else await self.start()
+
+    async def close(self) -> None:
+        if self._lock is None:
+            return
+        async with self._lock:
+            self._proxy = None
+            closers, self._closers = self._closers[::-1], []
+            for close in closers:
+                result = close()
+                if asyncio.iscoroutine(result):
+                    await result
+            if self._warming is not None:
+                await self._warming
+                self._warming = None
+        self._lock = None

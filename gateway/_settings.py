@@ -1,0 +1,177 @@
+"""One frozen settings object, built by the pure ``load_settings(env)``."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlsplit
+
+from gateway._exceptions import SettingsError
+from usage._config import StorageConfig, load_storage_config
+
+DEPLOYMENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def is_deployment_name(value: str) -> bool:
+    """A plain deployment name: letters, digits, ``.``, ``_``, ``-`` (and not a dot path)."""
+    return DEPLOYMENT_NAME.fullmatch(value) is not None and value not in (".", "..")
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    """One AOAI resource the gateway can send requests to."""
+
+    name: str
+    endpoint: str
+    priority: int = 1
+    weight: float = 1.0
+    api_key: str | None = field(default=None, repr=False)
+    #: gateway deployment name -> the backend's own name; ``None`` serves every deployment as named.
+    deployments: Mapping[str, str] | None = None
+
+    def serves(self, deployment: str) -> bool:
+        return self.deployments is None or deployment in self.deployments
+
+    def upstream_deployment(self, deployment: str) -> str:
+        if self.deployments is None:
+            return deployment
+        return self.deployments[deployment]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the gateway reads from its app settings."""
+
+    backends: tuple[BackendConfig, ...]
+    storage: StorageConfig
+    key_hash_secret: bytes = field(default=b"", repr=False)
+    key_cache_seconds: float = 30.0
+    connect_timeout: float = 5.0
+    response_timeout: float = 120.0
+    stream_idle_timeout: float = 120.0
+    request_deadline: float = 300.0
+    max_attempts: int = 4
+    default_cooldown: float = 10.0
+    failure_cooldown: float = 5.0
+    max_request_bytes: int = 32 * 1024 * 1024
+
+    @property
+    def needs_credential(self) -> bool:
+        return self.storage.uses_identity or any(b.api_key is None for b in self.backends)
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(name, f"must be a number, not {raw!r}") from None
+    if not value >= minimum or value != value or value == float("inf"):
+        raise SettingsError(name, f"must be a finite number of at least {minimum}, not {raw!r}")
+    return value
+
+
+def _integer(env: Mapping[str, str], name: str, default: int, *, minimum: int = 1) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(name, f"must be a whole number, not {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(name, f"must be at least {minimum}, not {value}")
+    return value
+
+
+def _backend(item: Any, index: int) -> BackendConfig:
+    where = f"AOAI_BACKENDS[{index}]"
+    if not isinstance(item, dict):
+        raise SettingsError("AOAI_BACKENDS", f"{where} must be an object")
+    unknown = set(item) - {"name", "endpoint", "priority", "weight", "api_key", "deployments"}
+    if unknown:
+        raise SettingsError("AOAI_BACKENDS", f"{where} has unknown field(s) {sorted(unknown)}")
+    name = item.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise SettingsError("AOAI_BACKENDS", f"{where}.name must be a non-empty string")
+    endpoint = item.get("endpoint")
+    parts = urlsplit(endpoint) if isinstance(endpoint, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        raise SettingsError("AOAI_BACKENDS", f"{where}.endpoint must be an http(s) URL")
+    priority = item.get("priority", 1)
+    if not isinstance(priority, int) or isinstance(priority, bool) or priority < 0:
+        raise SettingsError("AOAI_BACKENDS", f"{where}.priority must be a whole number >= 0")
+    weight = item.get("weight", 1)
+    if not isinstance(weight, int | float) or isinstance(weight, bool) or not weight > 0:
+        raise SettingsError("AOAI_BACKENDS", f"{where}.weight must be a number > 0")
+    api_key = item.get("api_key")
+    if api_key is not None and (not isinstance(api_key, str) or not api_key):
+        raise SettingsError("AOAI_BACKENDS", f"{where}.api_key must be a non-empty string")
+    raw = item.get("deployments")
+    deployments: dict[str, str] | None
+    if raw is None:
+        deployments = None
+    elif isinstance(raw, list):
+        deployments = {d: d for d in raw if isinstance(d, str)}
+        if len(deployments) != len(raw):
+            raise SettingsError("AOAI_BACKENDS", f"{where}.deployments must list names")
+    elif isinstance(raw, dict):
+        deployments = {str(k): v for k, v in raw.items() if isinstance(v, str)}
+        if len(deployments) != len(raw):
+            raise SettingsError("AOAI_BACKENDS", f"{where}.deployments must map names to names")
+    else:
+        raise SettingsError("AOAI_BACKENDS", f"{where}.deployments must be a list or an object")
+    if deployments is not None:
+        for ours, theirs in deployments.items():
+            if not (is_deployment_name(ours) and is_deployment_name(theirs)):
+                raise SettingsError(
+                    "AOAI_BACKENDS", f"{where}.deployments has a name that is not plain: {ours!r}"
+                )
+    return BackendConfig(
+        name=name.strip(),
+        endpoint=endpoint.rstrip("/"),  # type: ignore[union-attr]
+        priority=priority,
+        weight=float(weight),
+        api_key=api_key,
+        deployments=None if deployments is None else MappingProxyType(deployments),
+    )
+
+
+def load_backends(raw: str) -> tuple[BackendConfig, ...]:
+    if not raw.strip():
+        raise SettingsError("AOAI_BACKENDS", "is not set (a JSON array of backends)")
+    try:
+        items = json.loads(raw)
+    except ValueError as exc:
+        raise SettingsError("AOAI_BACKENDS", f"is not valid JSON ({exc})") from None
+    if not isinstance(items, list) or not items:
+        raise SettingsError("AOAI_BACKENDS", "must be a non-empty JSON array")
+    backends = tuple(_backend(item, i) for i, item in enumerate(items))
+    names = [b.name for b in backends]
+    if len(set(names)) != len(names):
+        raise SettingsError("AOAI_BACKENDS", "backend names must be unique")
+    return backends
+
+
+def load_settings(env: Mapping[str, str]) -> Settings:
+    """Build the settings from ``env``; a missing or malformed setting raises, naming it."""
+    return Settings(
+        backends=load_backends(env.get("AOAI_BACKENDS", "")),
+        storage=load_storage_config(env),
+        key_hash_secret=env.get("KEY_HASH_SECRET", "").encode(),
+        key_cache_seconds=_number(env, "KEY_CACHE_SECONDS", 30.0),
+        connect_timeout=_number(env, "CONNECT_TIMEOUT_SECONDS", 5.0, minimum=0.001),
+        response_timeout=_number(env, "RESPONSE_TIMEOUT_SECONDS", 120.0, minimum=0.001),
+        stream_idle_timeout=_number(env, "STREAM_IDLE_TIMEOUT_SECONDS", 120.0, minimum=0.001),
+        request_deadline=_number(env, "REQUEST_DEADLINE_SECONDS", 300.0, minimum=0.001),
+        max_attempts=_integer(env, "MAX_ATTEMPTS", 4),
+        default_cooldown=_number(env, "DEFAULT_COOLDOWN_SECONDS", 10.0),
+        failure_cooldown=_number(env, "FAILURE_COOLDOWN_SECONDS", 5.0),
+        max_request_bytes=_integer(env, "MAX_REQUEST_BYTES", 32 * 1024 * 1024),
+    )

@@ -1,0 +1,279 @@
+"""A simulated Azure OpenAI region that speaks AOAI's wire format, for tests, benchmarks and demos.
+
+Streams follow what AOAI sends (see the README): a first ``prompt_filter_results`` chunk with
+empty ``choices``, a role chunk, content chunks with ``content_filter_results``, the
+``finish_reason`` chunk, and, only with ``stream_options.include_usage``, a usage chunk with empty
+``choices`` (every other chunk then carries ``"usage": null``), then ``data: [DONE]``.
+
+Failures: ``429`` (with ``retry-after``/``retry-after-ms``), ``500``, ``hang`` (never answers),
+``cut`` (stream broken off mid-way), ``stall`` (stream stops mid-way, connection kept), queued
+per request with ``fail_next`` or set for every request with ``mode``. A prompt containing
+``FILTER_ME`` is refused with AOAI's 400 ``content_filter`` error.
+
+Run one: ``python -m gateway.simulator --port 8001 --region eastus``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+_WORDS = ("Hello", " from", " the", " simulated", " Azure", " OpenAI", " region", ".", " Tokens",
+          " arrive", " one", " by", " one", ",", " just", " like", " the", " real", " service", "!")
+_FILTER_OK = {"hate": {"filtered": False, "severity": "safe"}, "self_harm": {"filtered": False, "severity": "safe"},
+              "sexual": {"filtered": False, "severity": "safe"}, "violence": {"filtered": False, "severity": "safe"}}
+
+
+@dataclass(slots=True)
+class Received:
+    """One request as the region saw it."""
+
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: Any
+
+
+@dataclass
+class SimulatedRegion:
+    """One region. Change its fields between requests to steer it; read them to check what it saw."""
+
+    name: str = "sim"
+    api_key: str | None = None
+    model: str = "gpt-4o-2024-08-06"
+    chunks: int = 20
+    first_chunk_delay: float = 0.0
+    chunk_delay: float = 0.0
+    mode: str | None = None
+    retry_after: str | None = "2"
+    retry_after_ms: str | None = "2000"
+    #: api-versions older than this answer 400 to ``stream_options``, as AOAI did in 2024.
+    stream_options_since: str = "2024-09-01"
+    received: list[Received] = field(default_factory=list)
+    streams_started: int = 0
+    streams_finished: int = 0
+    streams_abandoned: int = 0  # the client went away before the end
+    _script: deque[str] = field(default_factory=deque)
+    _runner: web.AppRunner | None = None
+    url: str = ""
+
+    def fail_next(self, kind: str, count: int = 1) -> None:
+        """Fail the next ``count`` requests with ``kind`` (429, 500, hang, cut, stall)."""
+        self._script.extend([kind] * count)
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/openai/deployments/{deployment}/{operation:.+}", self._handle)
+        app.router.add_post("/openai/v1/{operation:.+}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets  # type: ignore[attr-defined]
+        bound = server.sockets[0].getsockname()  # type: ignore[attr-defined]
+        self.url = f"http://{host}:{bound[1]}"
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- wire format -----------------------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        return {"x-ms-region": self.name, "apim-request-id": str(uuid.uuid4()),
+                "x-ratelimit-remaining-tokens": "99000", "x-ratelimit-remaining-requests": "999"}
+
+    def _error(self, status: int, code: str, message: str, extra: dict[str, str] | None = None,
+               inner: dict[str, Any] | None = None) -> web.Response:
+        error: dict[str, Any] = {"code": code, "message": message}
+        if inner:
+            error.update(inner)
+        headers = {**self._headers(), **(extra or {})}
+        return web.json_response({"error": error}, status=status, headers=headers)
+
+    def _throttled(self) -> web.Response:
+        extra = {}
+        if self.retry_after is not None:
+            extra["retry-after"] = self.retry_after
+        if self.retry_after_ms is not None:
+            extra["retry-after-ms"] = self.retry_after_ms
+        return self._error(429, "429", "Requests to the ChatCompletions_Create Operation under Azure OpenAI "
+                           "API version 2024-10-21 have exceeded token rate limit of your current OpenAI S0 "
+                           f"pricing tier. Please retry after {self.retry_after or 1} seconds.", extra)
+
+    @staticmethod
+    def prompt_tokens(body: dict[str, Any]) -> int:
+        """The prompt tokens this region reports: deterministic, from the text it was sent."""
+        text = json.dumps(body.get("messages") or body.get("prompt") or body.get("input") or "")
+        return 7 + len(text) // 4
+
+    def _chunk(self, base: dict[str, Any], choices: list[Any], usage_null: bool, **extra: Any) -> bytes:
+        chunk = {"choices": choices, **base, **extra}
+        if usage_null:
+            chunk["usage"] = None
+        return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            return self._error(400, "InvalidRequestBody", "The request body is not valid JSON.")
+        operation = request.match_info["operation"]
+        self.received.append(Received(request.path, dict(request.query), dict(request.headers), body))
+        if self.api_key is not None:
+            sent = request.headers.get("api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+            if sent != self.api_key:
+                return self._error(401, "401", "Access denied due to invalid subscription key or wrong API endpoint.")
+        kind = self._script.popleft() if self._script else self.mode
+        if kind == "429":
+            return self._throttled()
+        if kind == "500":
+            return self._error(500, "InternalServerError", "The server had an error while processing your request.")
+        if kind == "hang":
+            await asyncio.sleep(3600)
+        if "FILTER_ME" in json.dumps(body):
+            return self._error(
+                400, "content_filter",
+                "The response was filtered due to the prompt triggering Azure OpenAI's content management policy.",
+                inner={"param": "prompt", "status": 400,
+                       "innererror": {"code": "ResponsibleAIPolicyViolation",
+                                      "content_filter_result": {**_FILTER_OK, "violence": {"filtered": True, "severity": "high"}}}})
+        stream = body.get("stream") is True
+        options = body.get("stream_options")
+        if options is not None:
+            version = request.query.get("api-version", "")
+            if not stream:
+                return self._error(400, "invalid_request_error",
+                                   "The 'stream_options' parameter is only allowed when 'stream' is enabled.")
+            if version and version[:10] < self.stream_options_since:
+                return self._error(400, "BadRequest", "Unrecognized request argument supplied: stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        if operation == "embeddings":
+            return self._embeddings(body)
+        if stream:
+            return await self._stream(request, body, operation, include_usage, kind)
+        return self._complete(body, operation)
+
+    def _usage(self, body: dict[str, Any], completion: int) -> dict[str, Any]:
+        prompt = self.prompt_tokens(body)
+        return {"completion_tokens": completion, "prompt_tokens": prompt, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"audio_tokens": 0, "cached_tokens": 0},
+                "completion_tokens_details": {"accepted_prediction_tokens": 0, "audio_tokens": 0,
+                                              "reasoning_tokens": 0, "rejected_prediction_tokens": 0}}
+
+    def _text(self) -> list[str]:
+        return [_WORDS[i % len(_WORDS)] for i in range(self.chunks)]
+
+    def _complete(self, body: dict[str, Any], operation: str) -> web.Response:
+        words = self._text()
+        text = "".join(words)
+        if operation == "completions":
+            choice: dict[str, Any] = {"text": text, "index": 0, "finish_reason": "stop", "logprobs": None}
+            kind = "text_completion"
+        else:
+            choice = {"content_filter_results": _FILTER_OK, "finish_reason": "stop", "index": 0, "logprobs": None,
+                      "message": {"content": text, "refusal": None, "role": "assistant"}}
+            kind = "chat.completion"
+        document = {"choices": [choice], "created": int(time.time()), "id": "chatcmpl-" + uuid.uuid4().hex[:24],
+                    "model": self.model, "object": kind, "system_fingerprint": "fp_sim",
+                    "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": _FILTER_OK}],
+                    "usage": self._usage(body, len(words))}
+        return web.json_response(document, headers=self._headers())
+
+    def _embeddings(self, body: dict[str, Any]) -> web.Response:
+        inputs = body.get("input")
+        items = inputs if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else [inputs]
+        prompt = self.prompt_tokens(body)
+        data = [{"object": "embedding", "index": i, "embedding": [0.01 * (i + 1)] * 8} for i in range(len(items))]
+        return web.json_response({"object": "list", "data": data, "model": "text-embedding-3-small",
+                                  "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}, headers=self._headers())
+
+    async def _stream(self, request: web.Request, body: dict[str, Any], operation: str,
+                      include_usage: bool, kind: str | None) -> web.StreamResponse:
+        response = web.StreamResponse(headers={**self._headers(), "content-type": "text/event-stream; charset=utf-8"})
+        await response.prepare(request)
+        self.streams_started += 1
+        base = {"created": int(time.time()), "id": "chatcmpl-" + uuid.uuid4().hex[:24], "model": self.model,
+                "object": "chat.completion.chunk" if operation != "completions" else "text_completion",
+                "system_fingerprint": "fp_sim"}
+        words = self._text()
+        frames = [self._chunk({"created": 0, "id": "", "model": "", "object": ""}, [], include_usage,
+                              prompt_filter_results=[{"prompt_index": 0, "content_filter_results": _FILTER_OK}])]
+        if operation == "completions":
+            deltas = [{"text": w, "index": 0, "finish_reason": None, "logprobs": None} for w in words]
+        else:
+            deltas = [{"content_filter_results": {}, "delta": {"content": "", "refusal": None, "role": "assistant"},
+                       "finish_reason": None, "index": 0, "logprobs": None}]
+            deltas += [{"content_filter_results": _FILTER_OK, "delta": {"content": w}, "finish_reason": None,
+                        "index": 0, "logprobs": None} for w in words]
+        frames += [self._chunk(base, [d], include_usage) for d in deltas]
+        frames.append(self._chunk(base, [{"content_filter_results": {}, "delta": {}, "finish_reason": "stop",
+                                          "index": 0, "logprobs": None}], include_usage))
+        if include_usage:
+            frames.append(self._chunk(base, [], False, usage=self._usage(body, len(words))))
+        frames.append(b"data: [DONE]\n\n")
+        try:
+            if self.first_chunk_delay:
+                await asyncio.sleep(self.first_chunk_delay)
+            for index, frame in enumerate(frames):
+                if index and self.chunk_delay:
+                    await asyncio.sleep(self.chunk_delay)
+                if index == len(frames) // 2 and kind in ("cut", "stall"):
+                    if kind == "stall":
+                        await asyncio.sleep(3600)
+                    assert request.transport is not None
+                    request.transport.close()
+                    return response
+                await response.write(frame)
+            await response.write_eof()
+        except (ConnectionError, asyncio.CancelledError):
+            self.streams_abandoned += 1
+            raise
+        self.streams_finished += 1
+        return response
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m gateway.simulator", description="Run a simulated AOAI region.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--region", default="sim", help="the x-ms-region it answers with")
+    parser.add_argument("--api-key", default=None, help="require this api-key")
+    parser.add_argument("--chunks", type=int, default=20, help="content chunks per answer")
+    parser.add_argument("--chunk-delay-ms", type=float, default=20.0)
+    parser.add_argument("--mode", choices=["429", "500", "hang", "cut", "stall"], default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    region = SimulatedRegion(name=args.region, api_key=args.api_key, chunks=args.chunks,
+                             chunk_delay=args.chunk_delay_ms / 1000, mode=args.mode)
+
+    async def run() -> None:
+        url = await region.start(args.host, args.port)
+        log.info("simulated region %s listening on %s", args.region, url)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await region.stop()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from usage._cli import main
+
+sys.exit(main())
