@@ -12,6 +12,7 @@ import inspect
 import json
 import logging
 import re
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,10 +56,16 @@ def _compile(template: str) -> tuple[re.Pattern[str], tuple[int, int, int]]:
     return re.compile("".join(parts) + "/?"), (catch_alls, -literals, -len(parts))
 
 
+#: ``FunctionApp.get_functions()`` indexes once and refuses a second call: keep its answer per app.
+_INDEXED: weakref.WeakKeyDictionary[func.FunctionApp, list[Any]] = weakref.WeakKeyDictionary()
+
+
 def http_routes(app: func.FunctionApp) -> list[_Route]:
     """The app's HTTP functions, most specific route first."""
+    if app not in _INDEXED:
+        _INDEXED[app] = app.get_functions()
     routes = []
-    for function in app.get_functions():
+    for function in _INDEXED[app]:
         trigger = function.get_trigger()
         if not isinstance(trigger, HttpTrigger):
             log.info("the local host does not run %s (%s)", function.get_function_name(), type(trigger).__name__)

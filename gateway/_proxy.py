@@ -42,6 +42,10 @@ _FORWARDED = frozenset({
     "content-type", "accept", "user-agent", "x-ms-client-request-id", "x-ms-useragent", "openai-beta",
 })
 _VERSION = re.compile(r"(\d{4}-\d{2}-\d{2})(-preview)?")
+_STREAM_CUT = (
+    b'data: {"error":{"code":"BackendStreamInterrupted","message":'
+    b'"The backend broke off the stream; the answer is incomplete."}}\n\n'
+)
 _KEY_PARAMS = frozenset({"api-key", "subscription-key", "subscription_key"})
 
 
@@ -396,6 +400,8 @@ class Proxy:
         except (aiohttp.ClientError, TimeoutError) as exc:
             outcome = "upstream_cut"
             log.warning("stream from backend %s broke off: %s", backend.name, type(exc).__name__)
+            # a partial frame is dropped; the client is told in the stream, as AOAI reports errors
+            yield _STREAM_CUT
         finally:
             upstream.close()
             usage, source = relay.usage, "reported"

@@ -66,6 +66,7 @@ class SimulatedRegion:
     streams_abandoned: int = 0  # the client went away before the end
     _script: deque[str] = field(default_factory=deque)
     _runner: web.AppRunner | None = None
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     url: str = ""
 
     def fail_next(self, kind: str, count: int = 1) -> None:
@@ -87,6 +88,7 @@ class SimulatedRegion:
         return self.url
 
     async def stop(self) -> None:
+        self._stopping.set()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -144,7 +146,8 @@ class SimulatedRegion:
         if kind == "500":
             return self._error(500, "InternalServerError", "The server had an error while processing your request.")
         if kind == "hang":
-            await asyncio.sleep(3600)
+            await self._stopping.wait()
+            return self._error(503, "ServiceUnavailable", "The region is shutting down.")
         if "FILTER_ME" in json.dumps(body):
             return self._error(
                 400, "content_filter",
@@ -234,7 +237,7 @@ class SimulatedRegion:
                     await asyncio.sleep(self.chunk_delay)
                 if index == len(frames) // 2 and kind in ("cut", "stall"):
                     if kind == "stall":
-                        await asyncio.sleep(3600)
+                        await self._stopping.wait()
                     assert request.transport is not None
                     request.transport.close()
                     return response

@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.harness import Gateway, azurite, running_gateway
+
+
+@pytest.fixture(scope="session")
+def storage() -> Iterator[str]:
+    """The connection string of a real Table Storage (Azurite), shared by the session."""
+    with azurite() as connection_string:
+        yield connection_string
+
+
+@pytest.fixture
+def gateway(storage: str) -> Iterator[Gateway]:
+    with running_gateway(storage) as running:
+        yield running
