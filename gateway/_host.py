@@ -128,7 +128,8 @@ class LocalHost:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw_path = scope.get("raw_path") or scope["path"].encode()
-        path = "/".join(unquote(s) for s in raw_path.decode("latin-1").split("?")[0].split("/"))
+        # decode each segment but an encoded slash, which stays "%2F" inside its segment (as in ASP.NET)
+        path = "/".join(unquote(s).replace("/", "%2F") for s in raw_path.decode("latin-1").split("?")[0].split("/"))
         lowered = path.lower()
         method = scope["method"].upper()
         path_matched = False

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import uvicorn
 
 import function_app
-from gateway import BackendConfig, Settings, UsageRecord
+from gateway import BackendConfig, LoggingSink, Settings, UsageRecord
 from gateway._host import LocalHost
 from gateway.simulator import SimulatedRegion
 from usage import KeyStore, StorageConfig, open_table_service
@@ -136,6 +136,7 @@ class RecordingSink:
 
     def emit(self, record: UsageRecord) -> None:
         self.records.append(record)
+        LoggingSink().emit(record)  # and log it as the local run does, so log checks see it
 
     def wait(self, count: int = 1, timeout: float = 10.0) -> list[UsageRecord]:
         """The records once ``count`` have arrived (a stream's record lands as it closes)."""
