@@ -47,5 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = uvicorn.Config(host, host=args.host, port=args.port, log_level="warning",
                             access_log=False, lifespan="on", timeout_graceful_shutdown=5)
     log.info("serving function_app.py on http://%s:%d", args.host, args.port)
-    uvicorn.Server(config).run()
+    try:
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        pass
+    log.info("stopped")
     return 0

@@ -1,0 +1,82 @@
+"""The documented commands, run as a user would: python -m gateway serve and python -m usage keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from gateway.simulator import SimulatedRegion
+from tests.harness import PROJECT, LoopThread, free_port, wait_for_port
+
+
+def run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+@pytest.fixture
+def environment(storage: str, tmp_path: Path) -> Iterator[tuple[dict[str, str], SimulatedRegion]]:
+    loop = LoopThread()
+    region = SimulatedRegion(name="eastus", api_key="backend-secret")
+    loop.run(region.start())
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(PROJECT),
+        "UsageStorage": storage,
+        "AOAI_BACKENDS": json.dumps([{"name": "east", "endpoint": region.url, "api_key": "backend-secret"}]),
+        "KEY_HASH_SECRET": "commands-test",
+        "KEY_CACHE_SECONDS": "0",
+    }
+    try:
+        yield env, region
+    finally:
+        loop.run(region.stop())
+        loop.close()
+
+
+def test_keys_cli_and_serve_end_to_end(environment: tuple[dict[str, str], SimulatedRegion], tmp_path: Path) -> None:
+    """A key made with the CLI works through `python -m gateway serve`, until it is revoked."""
+    env, region = environment
+    created = run(["-m", "usage", "keys", "create", "--name", "cli-team", "--json"], env, tmp_path)
+    assert created.returncode == 0, created.stderr
+    document = json.loads(created.stdout)
+    assert document["name"] == "cli-team" and len(document["key"]) > 30
+
+    again = run(["-m", "usage", "keys", "create", "--name", "cli-team"], env, tmp_path)
+    assert again.returncode != 0 and "cli-team" in again.stderr and "Traceback" not in again.stderr
+
+    listed = run(["-m", "usage", "keys", "list", "--json"], env, tmp_path)
+    rows = {row["name"]: row for row in json.loads(listed.stdout)}
+    assert rows["cli-team"]["enabled"] is True and document["key"] not in listed.stdout
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", str(port)], cwd=tmp_path,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_port(port)
+        client = openai.AzureOpenAI(azure_endpoint=f"http://127.0.0.1:{port}", api_key=document["key"],
+                                    api_version="2024-10-21", max_retries=0)
+        stream = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}],
+                                                stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "".join(region._text())
+
+        revoked = run(["-m", "usage", "keys", "revoke", "cli-team"], env, tmp_path)
+        assert revoked.returncode == 0, revoked.stderr
+        with pytest.raises(openai.AuthenticationError):
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    finally:
+        server.send_signal(signal.SIGINT)
+        output, _ = server.communicate(timeout=30)
+    assert server.returncode == 0, output
+    assert '"usage_source":"reported"' in output and '"key_name":"cli-team"' in output
+    assert document["key"] not in output and "backend-secret" not in output
+    listed = run(["-m", "usage", "keys", "list"], env, tmp_path)
+    assert "cli-team" in listed.stdout and "revoked" in listed.stdout

