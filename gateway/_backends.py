@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ def _positive(value: str | None) -> float | None:
         number = float(value.strip())
     except ValueError:
         return None
-    return number if number > 0 and number == number and number != float("inf") else None
+    return number if number > 0 and math.isfinite(number) else None
 
 
 def cooldown_from_headers(

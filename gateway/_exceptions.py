@@ -22,7 +22,12 @@ import json
 import math
 from collections.abc import Mapping
 
-from usage._config import SettingsError as SettingsError  # re-exported
+from usage._config import SettingsError
+
+__all__ = [
+    "BadRequest", "GatewayError", "MethodNotAllowed", "NoBackendAvailable", "NotFound", "PayloadTooLarge",
+    "QuotaExceeded", "RequestError", "SettingsError", "Unauthorized", "UpstreamFailed", "retry_after_headers",
+]
 
 
 class GatewayError(Exception):

@@ -9,7 +9,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -130,7 +130,7 @@ class Proxy:
         context = _Context(
             request_id=uuid.uuid4().hex,
             started=self._clock(),
-            arrived=datetime.fromtimestamp(self._wall_clock(), timezone.utc).isoformat(),
+            arrived=datetime.fromtimestamp(self._wall_clock(), UTC).isoformat(),
             key_name="",
         )
         call: Call | None = None
@@ -350,7 +350,8 @@ class Proxy:
                 document = None
             if isinstance(document, dict):
                 usage = Usage.from_body(document.get("usage"))
-                model = document.get("model") if isinstance(document.get("model"), str) else ""
+                found = document.get("model")
+                model = found if isinstance(found, str) else ""
         source: UsageSource = "reported"
         if usage is None:
             source = "none"
@@ -404,7 +405,8 @@ class Proxy:
             yield _STREAM_CUT
         finally:
             upstream.close()
-            usage, source = relay.usage, "reported"
+            usage = relay.usage
+            source: UsageSource = "reported"
             if usage is None:
                 usage, source = self._estimate(call, relay.model, relay.completion_text()), "estimated"
             self._emit(call, context, backend.name, model=relay.model, usage=usage, source=source,

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Mapping
 
 import aiohttp
+from azure.identity.aio import DefaultAzureCredential
 
 from gateway import _tokens
 from gateway._auth import KeyCache
@@ -62,8 +63,6 @@ class GatewayRuntime:
             self._closers.append(session.close)
             credential = None
             if settings.needs_credential:
-                from azure.identity.aio import DefaultAzureCredential
-
                 credential = DefaultAzureCredential()
                 self._closers.append(credential.close)
             tables = open_table_service(settings.storage, credential=credential, session=session)

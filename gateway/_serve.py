@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
@@ -47,9 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = uvicorn.Config(host, host=args.host, port=args.port, log_level="warning",
                             access_log=False, lifespan="on", timeout_graceful_shutdown=5)
     log.info("serving function_app.py on http://%s:%d", args.host, args.port)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after its graceful shutdown
         uvicorn.Server(config).run()
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
-        pass
     log.info("stopped")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -72,7 +73,7 @@ def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float
         value = float(raw)
     except ValueError:
         raise SettingsError(name, f"must be a number, not {raw!r}") from None
-    if not value >= minimum or value != value or value == float("inf"):
+    if not math.isfinite(value) or value < minimum:
         raise SettingsError(name, f"must be a finite number of at least {minimum}, not {raw!r}")
     return value
 

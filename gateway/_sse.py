@@ -37,7 +37,7 @@ def _frame_payload(frame: bytes) -> Any:
 class StreamRelay:
     """Feeds upstream bytes in, gives client bytes out; remembers usage, model and text."""
 
-    __slots__ = ("strip_usage", "usage", "model", "_partial", "_texts")
+    __slots__ = ("_partial", "_texts", "model", "strip_usage", "usage")
 
     def __init__(self, *, strip_usage: bool) -> None:
         self.strip_usage = strip_usage
@@ -88,9 +88,8 @@ class StreamRelay:
                 payload = _frame_payload(frame)
                 if isinstance(payload, dict):
                     self.usage = Usage.from_body(payload.get("usage"))
-                    if self.usage is not None:
-                        if self.strip_usage and not payload.get("choices"):
-                            continue
+                    if self.usage is not None and self.strip_usage and not payload.get("choices"):
+                        continue
             kept.append(frame)
         kept.append(frames[start:])
         return b"".join(kept)

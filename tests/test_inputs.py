@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from tests.harness import Gateway, backend_key, http, running_gateway
-from usage import KeyStore, StorageConfig, open_table_service
+from usage import KeyStore, open_table_service
 
 CHAT = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
 GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()

@@ -7,18 +7,18 @@ import time
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from gateway import BackendConfig
 from gateway.simulator import SimulatedRegion
 from tests.harness import Gateway, http
 
-MESSAGES = [{"role": "user", "content": "Say hello"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello"}]
 API_VERSION = "2024-10-21"
 
 
-def azure_client(gw: Gateway, **kwargs: object) -> openai.AzureOpenAI:
-    return openai.AzureOpenAI(azure_endpoint=gw.url, api_key=gw.key, api_version=API_VERSION,
-                              max_retries=0, **kwargs)  # type: ignore[arg-type]
+def azure_client(gw: Gateway) -> openai.AzureOpenAI:
+    return openai.AzureOpenAI(azure_endpoint=gw.url, api_key=gw.key, api_version=API_VERSION, max_retries=0)
 
 
 def v1_client(gw: Gateway) -> openai.OpenAI:
@@ -240,7 +240,7 @@ def test_client_disconnect_closes_upstream_and_estimates(gateway: Gateway) -> No
     """When the client goes away mid-stream the upstream is closed and usage is estimated."""
     gateway.eastus.chunks, gateway.eastus.chunk_delay = 200, 0.02
     stream = azure_client(gateway).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
-    received = [c for _, c in zip(range(5), stream)]
+    received = [c for _, c in zip(range(5), stream, strict=False)]
     assert len(received) == 5
     stream.close()
     assert wait_until(lambda: gateway.eastus.streams_abandoned == 1), "upstream was not closed"

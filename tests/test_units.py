@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,7 @@ def test_pool_prefers_priority_then_weight() -> None:
     backends = [BackendConfig("a", "http://a", priority=2), BackendConfig("b", "http://b", weight=1),
                 BackendConfig("c", "http://c", weight=3)]
     clock = FakeClock()
-    picks = [BackendPool(backends, clock=clock, random=lambda r=r: r).choose("d", exclude=set())
+    picks = [BackendPool(backends, clock=clock, random=partial(float, r)).choose("d", exclude=set())
              for r in (0.0, 0.24, 0.26, 0.99)]
     assert [p.name for p in picks if p] == ["b", "b", "c", "c"]
     pool = BackendPool(backends, clock=clock, random=lambda: 0.0)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from azure.core.exceptions import AzureError
+from azure.identity.aio import DefaultAzureCredential
 
 from usage._config import SettingsError, load_storage_config, read_environment
 from usage._keys import KeyError_, KeyStore
@@ -39,8 +40,6 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
     config = load_storage_config(env)
     credential = None
     if config.uses_identity:
-        from azure.identity.aio import DefaultAzureCredential
-
         credential = DefaultAzureCredential()
     try:
         async with open_table_service(config, credential=credential) as service:

@@ -8,16 +8,17 @@ Table ``gatewaykeys``, one partition ``keys`` so a key's two rows change in one 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
-from azure.data.tables import TransactionOperation, UpdateMode
+from azure.data.tables import TableTransactionError, TransactionOperation, UpdateMode
 from azure.data.tables.aio import TableClient, TableServiceClient
 
 from usage._tables import KEYS_TABLE
@@ -51,7 +52,7 @@ def new_key() -> str:
 
 def _created(entity: dict[str, object]) -> datetime:
     value = entity.get("CreatedAt")
-    return value if isinstance(value, datetime) else datetime.fromtimestamp(0, timezone.utc)
+    return value if isinstance(value, datetime) else datetime.fromtimestamp(0, UTC)
 
 
 class KeyStore:
@@ -63,10 +64,8 @@ class KeyStore:
         self._secret = secret
 
     async def ensure_table(self) -> None:
-        try:
+        with contextlib.suppress(ResourceExistsError):
             await self._service.create_table(KEYS_TABLE)
-        except ResourceExistsError:
-            pass
 
     async def lookup(self, key: str) -> KeyRecord | None:
         """The record for ``key``, or ``None`` when it is unknown."""
@@ -83,7 +82,7 @@ class KeyStore:
         await self.ensure_table()
         key = new_key()
         digest = hash_key(key, self._secret)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         name_row = {"PartitionKey": PARTITION, "RowKey": "name-" + name, "Hash": digest,
                     "Enabled": True, "CreatedAt": now}
         hash_row = {"PartitionKey": PARTITION, "RowKey": "hash-" + digest, "Name": name,
@@ -103,7 +102,7 @@ class KeyStore:
             raise KeyError_(f"key {name!r} exists and is enabled; revoke it first")
         await self._submit(
             [
-                (TransactionOperation.UPDATE, name_row,  # type: ignore[list-item]
+                (TransactionOperation.UPDATE, name_row,
                  {"mode": UpdateMode.REPLACE, "etag": existing.metadata["etag"],
                   "match_condition": MatchConditions.IfNotModified}),
                 (TransactionOperation.CREATE, hash_row),
@@ -113,8 +112,6 @@ class KeyStore:
         return key
 
     async def _submit(self, operations: list, name: str) -> None:  # type: ignore[type-arg]
-        from azure.data.tables import TableTransactionError
-
         try:
             await self._table.submit_transaction(operations)
         except TableTransactionError as exc:
