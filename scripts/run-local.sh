@@ -15,8 +15,13 @@ if [ ! -f local.settings.json ]; then
 fi
 
 pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT INT TERM
+cleanup() {
+  trap - EXIT INT TERM
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 port_open() { "$PY" -c "import socket,sys; s=socket.socket(); sys.exit(s.connect_ex(('127.0.0.1', int(sys.argv[1]))))" "$1"; }
 wait_port() {
@@ -72,4 +77,6 @@ Paste into Python (pip install openai):
 Usage records are logged below. Ctrl-C stops the gateway, the regions and Azurite.
 
 MSG
-"$PY" -m gateway serve --port "$PORT"
+"$PY" -m gateway serve --port "$PORT" &
+pids+=($!)
+wait "$!"

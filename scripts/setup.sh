@@ -24,7 +24,10 @@ stamp=.venv/.requirements.sha
 wanted=$(cat requirements.txt tests/requirements.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   echo "setup: installing Python packages"
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -r tests/requirements.txt
+  if ! .venv/bin/python -m pip install --quiet --disable-pip-version-check \
+      -r requirements.txt -r tests/requirements.txt >.venv/pip.log 2>&1; then
+    cat .venv/pip.log >&2; echo "setup: pip install failed" >&2; exit 1
+  fi
   echo "$wanted" > "$stamp"
 fi
 
