@@ -1,0 +1,256 @@
+"""Aggregating usage events into Table Storage, each event counted exactly once.
+
+Per partition (one key's month) and batch: one query reads the ledger rows of the batch's
+minutes and the counter rows it will touch; events already in a ledger are dropped; then ONE
+entity-group transaction updates the counters (``If-Match`` on their ETags, or creates them) and
+inserts a ledger row listing the new events' ids. Atomicity makes the ids and the counts land
+together; the ETags make two aggregators that race over the same events conflict, and the loser
+starts again from the read, where it finds the winner's ledger. So a redelivered or re-raced
+event changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random as _random
+import uuid
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceExistsError
+from azure.data.tables import (
+    EdmType,
+    EntityProperty,
+    TableEntity,
+    TableTransactionError,
+    TransactionOperation,
+    UpdateMode,
+)
+from azure.data.tables.aio import TableClient, TableServiceClient
+
+from usage._events import MalformedEvent, UsageEvent, decode_event
+from usage._schema import (
+    COUNTERS,
+    PERIODS,
+    REJECTS_TABLE,
+    USAGE_TABLE,
+    counter_row,
+    ledger_prefix,
+    partition_key,
+    period_start,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_OPERATIONS = 100  # Table Storage's limit per entity-group transaction
+IDS_PER_LEDGER_ROW = 900  # 33 characters each: well under a string property's 64 KiB
+_ROWS_PER_QUERY = 12  # a filter may hold 15 comparisons: PartitionKey, the ledger range, 12 rows
+_CONFLICTS = {"UpdateConditionNotSatisfied", "EntityAlreadyExists", "ConditionNotMet"}
+
+
+class AggregationConflict(RuntimeError):
+    """A partition kept conflicting with other aggregators; the batch should be retried."""
+
+
+class _Conflict(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    counted: int
+    duplicates: int
+    rejected: int
+    transactions: int
+
+
+def as_int(value: Any) -> int:
+    """A counter's value, whether the SDK returns it plain or as an ``EntityProperty``."""
+    if isinstance(value, EntityProperty):
+        value = value.value
+    return int(value or 0)
+
+
+def _int64(value: int) -> EntityProperty:
+    return EntityProperty(value, EdmType.INT64)
+
+
+def _increments(event: UsageEvent) -> tuple[int, ...]:
+    return (1, event.prompt_tokens, event.completion_tokens, event.total_tokens, event.cached_tokens,
+            event.reasoning_tokens, event.total_tokens if event.estimated else 0)
+
+
+class Aggregator:
+    """Counts batches of usage events into the ``usage`` table; keeps malformed ones in ``usagerejects``."""
+
+    def __init__(
+        self,
+        service: TableServiceClient,
+        *,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        random: Callable[[], float] = _random.random,
+        max_attempts: int = 100,
+        concurrency: int = 16,
+    ) -> None:
+        self._service = service
+        self._usage: TableClient = service.get_table_client(USAGE_TABLE)
+        self._rejects: TableClient = service.get_table_client(REJECTS_TABLE)
+        self._sleep = sleep
+        self._random = random
+        self._max_attempts = max_attempts
+        self._limit = asyncio.Semaphore(concurrency)
+        self._tables_ready = False
+        #: Table Storage calls made, for the benchmark: queries, transactions, reject writes.
+        self.table_requests = 0
+
+    async def ensure_tables(self) -> None:
+        if self._tables_ready:
+            return
+        for name in (USAGE_TABLE, REJECTS_TABLE):
+            with contextlib.suppress(ResourceExistsError):
+                await self._service.create_table(name)
+        self._tables_ready = True
+
+    async def aggregate(
+        self, bodies: Sequence[bytes | str], *, message_ids: Sequence[str | None] | None = None
+    ) -> BatchResult:
+        """Count one batch of message bodies. Raises on storage errors (the batch is then retried)."""
+        await self.ensure_tables()
+        events: dict[str, UsageEvent] = {}
+        rejected = 0
+        for index, body in enumerate(bodies):
+            message_id = message_ids[index] if message_ids is not None else None
+            try:
+                event = decode_event(body)
+            except MalformedEvent as exc:
+                rejected += 1
+                await self._reject(body, str(exc), message_id)
+                continue
+            events.setdefault(event.event_id, event)
+        in_batch_duplicates = len(bodies) - rejected - len(events)
+        partitions: dict[str, list[UsageEvent]] = defaultdict(list)
+        for event in events.values():
+            partitions[partition_key(event.key_name, event.time)].append(event)
+        results = await asyncio.gather(*(self._partition(pk, group) for pk, group in partitions.items()))
+        counted = sum(r[0] for r in results)
+        return BatchResult(
+            counted=counted,
+            duplicates=in_batch_duplicates + sum(r[1] for r in results),
+            rejected=rejected,
+            transactions=sum(r[2] for r in results),
+        )
+
+    async def _reject(self, body: bytes | str, reason: str, message_id: str | None) -> None:
+        text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
+        now = datetime.now(UTC)
+        log.warning("usage message %s rejected: %s", message_id or "(no id)", reason)
+        self.table_requests += 1
+        await self._rejects.upsert_entity({
+            "PartitionKey": f"{now:%Y-%m-%d}", "RowKey": message_id or uuid.uuid4().hex,
+            "Reason": reason[:1000], "Body": text[:30000], "MessageId": message_id or "", "RejectedAt": now,
+        })
+
+    async def _partition(self, pk: str, events: list[UsageEvent]) -> tuple[int, int, int]:
+        """(counted, duplicates, transactions) for one partition's events, retrying on conflicts."""
+        async with self._limit:
+            for attempt in range(self._max_attempts):
+                try:
+                    return await self._apply(pk, events)
+                except _Conflict:
+                    await self._sleep(min(0.2, 0.005 * 2 ** min(attempt, 6)) * (0.5 + self._random()))
+        raise AggregationConflict(f"partition {pk} still conflicted after {self._max_attempts} attempts")
+
+    async def _read(self, pk: str, events: list[UsageEvent], rows: list[str]) -> list[TableEntity]:
+        minutes = sorted(period_start("minute", e.time) for e in events)
+        ledger_from, ledger_to = f"ledger|{minutes[0]}|", f"ledger|{minutes[-1]}|~"
+        chunks = [rows[i:i + _ROWS_PER_QUERY] for i in range(0, len(rows), _ROWS_PER_QUERY)] or [[]]
+
+        async def query(index: int, chunk: list[str]) -> list[TableEntity]:
+            parameters: dict[str, Any] = {"pk": pk}
+            terms = [f"RowKey eq @r{i}" for i in range(len(chunk))]
+            parameters.update({f"r{i}": row for i, row in enumerate(chunk)})
+            if index == 0:
+                terms.insert(0, "( RowKey ge @lf and RowKey lt @lt )")  # the SDK needs spaces around @names
+                parameters.update(lf=ledger_from, lt=ledger_to)
+            self.table_requests += 1
+            found = self._usage.query_entities(
+                f"PartitionKey eq @pk and ( {' or '.join(terms)} )", parameters=parameters)
+            return [entity async for entity in found]
+
+        pages = await asyncio.gather(*(query(i, c) for i, c in enumerate(chunks)))
+        return [entity for page in pages for entity in page]
+
+    async def _apply(self, pk: str, events: list[UsageEvent]) -> tuple[int, int, int]:
+        rows = sorted({counter_row(p, e.time, e.deployment) for e in events for p in PERIODS})
+        entities = await self._read(pk, events, rows)
+        seen: set[str] = set()
+        existing: dict[str, TableEntity] = {}
+        for entity in entities:
+            row_key = str(entity["RowKey"])
+            if row_key.startswith("ledger|"):
+                seen.update(str(entity.get("Ids", "")).split(","))
+            else:
+                existing[row_key] = entity
+        fresh = [e for e in events if e.event_id not in seen]
+        duplicates = len(events) - len(fresh)
+        if not fresh:
+            return 0, duplicates, 0
+        operations = self._operations(pk, fresh, existing)
+        if len(operations) > MAX_OPERATIONS:  # too much for one transaction: halve and go again
+            half = len(fresh) // 2
+            first = await self._apply(pk, fresh[:half])
+            second = await self._apply(pk, fresh[half:])
+            return first[0] + second[0], duplicates + first[1] + second[1], first[2] + second[2]
+        self.table_requests += 1
+        try:
+            await self._usage.submit_transaction(operations)
+        except TableTransactionError as exc:
+            if exc.status_code in (409, 412) or str(getattr(exc, "error_code", "")) in _CONFLICTS:
+                raise _Conflict from exc
+            raise
+        return len(fresh), duplicates, 1
+
+    def _operations(
+        self, pk: str, fresh: list[UsageEvent], existing: dict[str, TableEntity]
+    ) -> list[Any]:
+        totals: dict[str, list[int]] = {}
+        described: dict[str, tuple[str, str, str]] = {}
+        for event in fresh:
+            increments = _increments(event)
+            for period in PERIODS:
+                row = counter_row(period, event.time, event.deployment)
+                current = totals.setdefault(row, [0] * len(COUNTERS))
+                for i, amount in enumerate(increments):
+                    current[i] += amount
+                described[row] = (period, period_start(period, event.time), event.deployment)
+        key_name = pk.split("|", 1)[1]
+        operations: list[Any] = []
+        for row, amounts in totals.items():
+            period, start, deployment = described[row]
+            entity: dict[str, Any] = {"PartitionKey": pk, "RowKey": row, "Key": key_name,
+                                      "Deployment": deployment, "Period": period, "Start": start}
+            before = existing.get(row)
+            for name, amount in zip(COUNTERS, amounts, strict=True):
+                entity[name] = _int64(amount + (as_int(before.get(name)) if before is not None else 0))
+            if before is None:
+                operations.append((TransactionOperation.CREATE, entity))
+            else:
+                operations.append((TransactionOperation.UPDATE, entity, {
+                    "mode": UpdateMode.REPLACE, "etag": before.metadata["etag"],
+                    "match_condition": MatchConditions.IfNotModified}))
+        by_minute: dict[str, list[str]] = defaultdict(list)
+        for event in fresh:
+            by_minute[ledger_prefix(event.time)].append(event.event_id)
+        for prefix, ids in by_minute.items():
+            for first in range(0, len(ids), IDS_PER_LEDGER_ROW):
+                chunk = ids[first:first + IDS_PER_LEDGER_ROW]
+                operations.append((TransactionOperation.CREATE, {
+                    "PartitionKey": pk, "RowKey": prefix + uuid.uuid4().hex, "Ids": ",".join(chunk),
+                    "Count": len(chunk)}))
+        return operations

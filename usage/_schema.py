@@ -1,0 +1,42 @@
+"""Row layout of the ``usage`` table (documented in the README for readers without our code).
+
+PartitionKey ``<YYYY-MM>|<key name>``: one key's month. RowKeys in it:
+
+- ``month|<YYYY-MM>|<deployment>``, ``day|<YYYY-MM-DD>|<deployment>``,
+  ``hour|<YYYY-MM-DDTHH>|<deployment>``, ``minute|<YYYY-MM-DDTHH:MM>|<deployment>``: counters
+  (``Requests``, ``PromptTokens``, ``CompletionTokens``, ``TotalTokens``, ``CachedTokens``,
+  ``ReasoningTokens``, ``EstimatedTokens``) and, for people, ``Key``, ``Deployment``, ``Period``, ``Start``;
+- ``ledger|<YYYY-MM-DDTHH:MM>|<uuid>``: ``Ids``, the comma-separated event ids counted by one
+  transaction, for events of that minute. Written in the same transaction as the counters.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+USAGE_TABLE = "usage"
+REJECTS_TABLE = "usagerejects"
+PERIODS = ("month", "day", "hour", "minute")
+COUNTERS = ("Requests", "PromptTokens", "CompletionTokens", "TotalTokens", "CachedTokens", "ReasoningTokens",
+            "EstimatedTokens")
+
+
+def partition_key(key_name: str, when: datetime) -> str:
+    return f"{when:%Y-%m}|{key_name}"
+
+
+def period_start(period: str, when: datetime) -> str:
+    return {
+        "month": f"{when:%Y-%m}",
+        "day": f"{when:%Y-%m-%d}",
+        "hour": f"{when:%Y-%m-%dT%H}",
+        "minute": f"{when:%Y-%m-%dT%H:%M}",
+    }[period]
+
+
+def counter_row(period: str, when: datetime, deployment: str) -> str:
+    return f"{period}|{period_start(period, when)}|{deployment}"
+
+
+def ledger_prefix(when: datetime) -> str:
+    return f"ledger|{period_start('minute', when)}|"
