@@ -29,6 +29,7 @@ from gateway._exceptions import (
     RequestError,
     UpstreamFailed,
 )
+from gateway._quota import REMAINING_HEADER, QuotaGuard, Reservation
 from gateway._records import Usage, UsageRecord, UsageSink, UsageSource
 from gateway._responses import RelayResponse, buffered, error_response, relayed_headers
 from gateway._settings import BackendConfig, Settings, is_deployment_name
@@ -76,6 +77,8 @@ class Call:
     client_usage: bool  # the client asked for include_usage itself
     add_usage: bool  # the gateway asks for it on the client's behalf
     headers: dict[str, str] = field(default_factory=dict)
+    reservation: Reservation | None = None  # the key's quota reservation, settled when usage is known
+    response_headers: dict[str, str] = field(default_factory=dict)  # added to whatever is answered
 
 
 @dataclass(slots=True)
@@ -108,6 +111,7 @@ class Proxy:
         keys: KeyCache,
         pool: BackendPool,
         tokens: TokenProvider | None,
+        quota: QuotaGuard,
         sink: UsageSink,
         clock: Callable[[], float],
         wall_clock: Callable[[], float],
@@ -117,6 +121,7 @@ class Proxy:
         self._keys = keys
         self._pool = pool
         self._tokens = tokens
+        self._quota = quota
         self._sink = sink
         self._clock = clock
         self._wall_clock = wall_clock
@@ -138,10 +143,14 @@ class Proxy:
             key = await self._keys.authenticate(key_from_headers(request.headers))
             context.key_name = key.name
             call = await self._read_call(request, operation=operation, v1=v1)
+            if key.limits.any:
+                call.reservation = await self._quota.admit(key, estimate=self._reservation_estimate(call))
+                call.response_headers[REMAINING_HEADER] = str(call.reservation.remaining)
             return await self._forward(call, context)
         except RequestError as exc:
             log.info("request %s refused: %s %s", context.request_id, exc.status, exc.code)
             if call is not None:
+                exc.headers = {**call.response_headers, **exc.headers}
                 self._emit(call, context, "", model="", usage=None, source="none", status=exc.status,
                            ended=self._clock(), first_byte=None, outcome="refused")
             return error_response(exc, request_id=context.request_id)
@@ -210,6 +219,20 @@ class Proxy:
             add_usage=stream and not client_usage and accepts_stream_options(api_version, v1=v1),
             headers=headers,
         )
+
+    def _reservation_estimate(self, call: Call) -> int:
+        """What a request may use: its prompt estimate plus its completion cap, as AOAI's limiter counts."""
+        try:
+            prompt = _tokens.prompt_tokens(call.body, call.operation, call.deployment)
+        except (OSError, ValueError):
+            prompt = len(call.raw) // 4
+        cap = call.body.get("max_completion_tokens", call.body.get("max_tokens"))
+        choices = call.body.get("n")
+        if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
+            cap = 0
+        if not isinstance(choices, int) or isinstance(choices, bool) or choices < 1:
+            choices = 1
+        return prompt + cap * choices
 
     # -- upstream --------------------------------------------------------------------------
 
@@ -361,6 +384,7 @@ class Proxy:
         self._emit(call, context, backend.name, model=model, usage=usage, source=source,
                    status=upstream.status, ended=now, first_byte=now, outcome="complete")
         headers = relayed_headers(upstream.headers.items(), backend=backend.name, request_id=context.request_id)
+        headers.update(call.response_headers)
         return buffered(upstream.status, body, headers)
 
     async def _respond(
@@ -371,6 +395,7 @@ class Proxy:
             relay = StreamRelay(strip_usage=with_usage and not call.client_usage)
             headers = relayed_headers(upstream.headers.items(), backend=backend.name,
                                       request_id=context.request_id)
+            headers.update(call.response_headers)
             return RelayResponse(self._relay(call, context, backend, upstream, relay), headers=headers)
         try:
             body = await upstream.read()
@@ -429,6 +454,8 @@ class Proxy:
         source: UsageSource, status: int, ended: float, first_byte: float | None, outcome: str,
     ) -> None:
         usage = usage or Usage()
+        if call.reservation is not None:
+            call.reservation.settle(usage.total_tokens, until=ended + self._quota.settle_seconds)
         record = UsageRecord(
             request_id=context.request_id, time=context.arrived, key_name=context.key_name,
             deployment=call.deployment, model=model, backend=backend, operation=call.operation,

@@ -68,10 +68,30 @@ class UsageRecord:
         return asdict(self)
 
 
+SCHEMA_VERSION = 1
+
+
+def encode_event(record: UsageRecord) -> bytes:
+    """The usage event (schema 1, see ``usage/_events.py``) for ``record``: its id is the request id."""
+    return json.dumps({"schema": SCHEMA_VERSION, "event_id": record.request_id, **record.to_dict()},
+                      separators=(",", ":")).encode()
+
+
 class UsageSink(Protocol):
     """Receives usage records; ``emit`` is called on the request path and must not block."""
 
     def emit(self, record: UsageRecord) -> None: ...
+
+
+class TeeSink:
+    """Gives every record to several sinks."""
+
+    def __init__(self, *sinks: UsageSink) -> None:
+        self._sinks = sinks
+
+    def emit(self, record: UsageRecord) -> None:
+        for sink in self._sinks:
+            sink.emit(record)
 
 
 class LoggingSink:

@@ -9,15 +9,20 @@ import time
 from collections.abc import Callable, Mapping
 
 import aiohttp
+from azure.data.tables.aio import TableServiceClient
 from azure.identity.aio import DefaultAzureCredential
+from azure.servicebus.aio import ServiceBusClient
 
 from gateway import _tokens
 from gateway._auth import KeyCache
 from gateway._backends import BackendPool
 from gateway._credentials import TokenProvider
 from gateway._proxy import Proxy
-from gateway._records import LoggingSink, UsageSink
+from gateway._publish import EventTransport, InProcessTransport, ServiceBusTransport, UsagePublisher
+from gateway._quota import QuotaGuard
+from gateway._records import LoggingSink, TeeSink, UsageSink
 from gateway._settings import Settings, load_settings
+from usage._aggregate import Aggregator
 from usage._config import read_environment
 from usage._keys import KeyStore
 from usage._tables import open_table_service
@@ -38,6 +43,7 @@ class GatewayRuntime:
         self._closers: list[Callable[[], object]] = []
         self._lock: asyncio.Lock | None = None  # made in the loop that first starts the runtime
         self._warming: asyncio.Future[None] | None = None
+        self.publisher: UsagePublisher | None = None
 
     async def start(
         self,
@@ -68,6 +74,13 @@ class GatewayRuntime:
             tables = open_table_service(settings.storage, credential=credential, session=session)
             self._closers.append(tables.close)
             store = KeyStore(tables, secret=settings.key_hash_secret)
+            self.publisher = UsagePublisher(self._transport(settings, tables, credential),
+                                            capacity=settings.usage_buffer_size)
+            self.publisher.start()
+            self._closers.append(self.publisher.close)
+            sinks: list[UsageSink] = [LoggingSink(), self.publisher]
+            if sink is not None:
+                sinks.append(sink)
             self._proxy = Proxy(
                 settings,
                 session=session,
@@ -75,7 +88,9 @@ class GatewayRuntime:
                               secret=settings.key_hash_secret),
                 pool=BackendPool(settings.backends, clock=clock, random=random),
                 tokens=None if credential is None else TokenProvider(credential, wall_clock=wall_clock),
-                sink=sink or LoggingSink(),
+                quota=QuotaGuard(tables, cache_seconds=settings.quota_cache_seconds,
+                                 settle_seconds=settings.quota_settle_seconds, clock=clock, wall_clock=wall_clock),
+                sink=TeeSink(*sinks),
                 clock=clock,
                 wall_clock=wall_clock,
             )
@@ -83,6 +98,21 @@ class GatewayRuntime:
             log.info("gateway started with %d backend(s): %s", len(settings.backends),
                      ", ".join(b.name for b in settings.backends))
             return self._proxy
+
+    @staticmethod
+    def _transport(
+        settings: Settings, tables: TableServiceClient, credential: DefaultAzureCredential | None
+    ) -> EventTransport:
+        config = settings.service_bus
+        if config is None:
+            log.info("no Service Bus configured: usage events go straight to the aggregator in this process")
+            return InProcessTransport(Aggregator(tables))
+        if config.connection_string is not None:
+            client = ServiceBusClient.from_connection_string(config.connection_string)
+        else:
+            assert config.fully_qualified_namespace is not None and credential is not None
+            client = ServiceBusClient(config.fully_qualified_namespace, credential)
+        return ServiceBusTransport(client, config.queue)
 
     async def proxy(self) -> Proxy:
         """The running proxy, started from the environment on first use."""

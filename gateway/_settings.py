@@ -44,6 +44,32 @@ class BackendConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ServiceBusConfig:
+    """Where usage events go: a connection string, or a namespace reached with managed identity."""
+
+    queue: str
+    connection_string: str | None = field(default=None, repr=False)
+    fully_qualified_namespace: str | None = None
+
+
+def load_service_bus(env: Mapping[str, str]) -> ServiceBusConfig | None:
+    """``ServiceBusConnection`` or ``ServiceBusConnection__fullyQualifiedNamespace``; ``None`` if neither."""
+    queue = env.get("USAGE_QUEUE_NAME", "").strip() or "usage-events"
+    connection = env.get("ServiceBusConnection", "").strip()
+    namespace = env.get("ServiceBusConnection__fullyQualifiedNamespace", "").strip()
+    if connection:
+        if "endpoint=" not in connection.lower():
+            raise SettingsError("ServiceBusConnection", "is not a Service Bus connection string (no Endpoint=)")
+        return ServiceBusConfig(queue=queue, connection_string=connection)
+    if namespace:
+        if "/" in namespace or "." not in namespace:
+            raise SettingsError("ServiceBusConnection__fullyQualifiedNamespace",
+                                "must be a host name like contoso.servicebus.windows.net")
+        return ServiceBusConfig(queue=queue, fully_qualified_namespace=namespace)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the gateway reads from its app settings."""
 
@@ -59,10 +85,15 @@ class Settings:
     default_cooldown: float = 10.0
     failure_cooldown: float = 5.0
     max_request_bytes: int = 32 * 1024 * 1024
+    service_bus: ServiceBusConfig | None = None
+    usage_buffer_size: int = 10_000
+    quota_cache_seconds: float = 5.0
+    quota_settle_seconds: float = 30.0
 
     @property
     def needs_credential(self) -> bool:
-        return self.storage.uses_identity or any(b.api_key is None for b in self.backends)
+        return (self.storage.uses_identity or any(b.api_key is None for b in self.backends)
+                or (self.service_bus is not None and self.service_bus.connection_string is None))
 
 
 def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
@@ -175,4 +206,8 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         default_cooldown=_number(env, "DEFAULT_COOLDOWN_SECONDS", 10.0),
         failure_cooldown=_number(env, "FAILURE_COOLDOWN_SECONDS", 5.0),
         max_request_bytes=_integer(env, "MAX_REQUEST_BYTES", 32 * 1024 * 1024),
+        service_bus=load_service_bus(env),
+        usage_buffer_size=_integer(env, "USAGE_BUFFER_SIZE", 10_000),
+        quota_cache_seconds=_number(env, "QUOTA_CACHE_SECONDS", 5.0),
+        quota_settle_seconds=_number(env, "QUOTA_SETTLE_SECONDS", 30.0),
     )

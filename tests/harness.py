@@ -26,6 +26,7 @@ from gateway import BackendConfig, LoggingSink, Settings, UsageRecord
 from gateway._host import LocalHost
 from gateway.simulator import SimulatedRegion
 from usage import KeyStore, StorageConfig, open_table_service
+from usage._keys import Limits
 
 T = TypeVar("T")
 PROJECT = Path(__file__).resolve().parent.parent
@@ -172,6 +173,15 @@ class Gateway:
     loop: LoopThread
     settings: Settings
     logs: CapturedLogs
+
+    def create_key(self, name: str, limits: Limits = Limits()) -> str:
+        """A new subscription key (with quotas) in the gateway's key table."""
+
+        async def create() -> str:
+            async with open_table_service(self.settings.storage) as service:
+                return await KeyStore(service, secret=self.settings.key_hash_secret).create(name, limits=limits)
+
+        return self.loop.run(create())
 
     @property
     def eastus(self) -> SimulatedRegion:

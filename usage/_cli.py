@@ -1,4 +1,4 @@
-"""``python -m usage``: manage subscription keys (and, later, read usage)."""
+"""``python -m usage``: manage subscription keys and their quotas, and report usage."""
 
 from __future__ import annotations
 
@@ -8,62 +8,105 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 from azure.core.exceptions import AzureError
 from azure.identity.aio import DefaultAzureCredential
 
 from usage._config import SettingsError, load_storage_config, read_environment
-from usage._keys import KeyError_, KeyStore
+from usage._keys import KeyError_, KeyRecord, KeyStore, Limits
 from usage._tables import open_table_service
 
 log = logging.getLogger(__name__)
+_LIMITS = (("tokens_per_minute", "--tokens-per-minute"), ("tokens_per_day", "--tokens-per-day"),
+           ("tokens_per_month", "--tokens-per-month"))
+
+
+def _limit(value: str) -> int | None:
+    if value.lower() == "none":
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number (or 'none')") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError("a quota cannot be negative")
+    return number
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m usage", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    keys = commands.add_parser("keys", help="manage subscription keys")
+    keys = commands.add_parser("keys", help="manage subscription keys and quotas")
     actions = keys.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="create a key and print it once")
     create.add_argument("--name", required=True, help="the team or app the key is for")
-    create.add_argument("--json", action="store_true", help="print one JSON object")
-    listing = actions.add_parser("list", help="list keys (names and state, never the keys)")
+    set_quota = actions.add_parser("set-quota", help="change a key's token quotas ('none' removes one)")
+    set_quota.add_argument("name")
+    for command in (create, set_quota):
+        for dest, flag in _LIMITS:
+            command.add_argument(flag, dest=dest, type=_limit, default=argparse.SUPPRESS, metavar="N",
+                                 help=f"{flag[2:].replace('-', ' ')} (UTC windows)")
+        command.add_argument("--json", action="store_true", help="print one JSON object")
+    listing = actions.add_parser("list", help="list keys: names, state, quotas (never the keys)")
     listing.add_argument("--json", action="store_true", help="print a JSON list")
-    revoke = actions.add_parser("revoke", help="disable a key at once (gateways notice within the cache time)")
+    revoke = actions.add_parser("revoke", help="disable a key (gateways notice within KEY_CACHE_SECONDS)")
     revoke.add_argument("name")
     return parser
+
+
+def _describe(record: KeyRecord) -> dict[str, Any]:
+    return {"name": record.name, "enabled": record.enabled, "created_at": record.created_at.isoformat(),
+            "tokens_per_minute": record.limits.tokens_per_minute, "tokens_per_day": record.limits.tokens_per_day,
+            "tokens_per_month": record.limits.tokens_per_month}
+
+
+def _quota_text(limits: Limits) -> str:
+    parts = [f"{value}/{unit}" for value, unit in ((limits.tokens_per_minute, "min"), (limits.tokens_per_day, "day"),
+                                                   (limits.tokens_per_month, "month")) if value is not None]
+    return ", ".join(parts) or "unlimited"
+
+
+async def _keys(store: KeyStore, args: argparse.Namespace, out: TextIO) -> None:
+    if args.action == "create":
+        limits = Limits(**{dest: getattr(args, dest) for dest, _ in _LIMITS if hasattr(args, dest)})
+        key = await store.create(args.name, limits=limits)
+        if args.json:
+            print(json.dumps({"name": args.name, "key": key, **{d: getattr(limits, d) for d, _ in _LIMITS}}), file=out)
+        else:
+            print(f"Created key for {args.name} ({_quota_text(limits)}). It is shown once; store it now:\n{key}",
+                  file=out)
+    elif args.action == "set-quota":
+        current = (await store.get(args.name)).limits
+        changes = {dest: getattr(args, dest) for dest, _ in _LIMITS if hasattr(args, dest)}
+        limits = Limits(**{dest: changes.get(dest, getattr(current, dest)) for dest, _ in _LIMITS})
+        await store.set_limits(args.name, limits)
+        if args.json:
+            print(json.dumps(_describe(await store.get(args.name))), file=out)
+        else:
+            print(f"Quotas of {args.name}: {_quota_text(limits)}", file=out)
+    elif args.action == "list":
+        records = await store.list()
+        if args.json:
+            print(json.dumps([_describe(r) for r in records]), file=out)
+        else:
+            print(f"{'NAME':<32} {'STATE':<8} {'CREATED':<20} QUOTAS", file=out)
+            for record in records:
+                state = "enabled" if record.enabled else "revoked"
+                print(f"{record.name:<32} {state:<8} {record.created_at:%Y-%m-%d %H:%M:%SZ} "
+                      f"{_quota_text(record.limits)}", file=out)
+    elif args.action == "revoke":
+        await store.revoke(args.name)
+        print(f"Revoked {args.name}", file=out)
 
 
 async def _run(args: argparse.Namespace, out: TextIO) -> int:
     env = read_environment()
     config = load_storage_config(env)
-    credential = None
-    if config.uses_identity:
-        credential = DefaultAzureCredential()
+    credential = DefaultAzureCredential() if config.uses_identity else None
     try:
         async with open_table_service(config, credential=credential) as service:
-            store = KeyStore(service, secret=env.get("KEY_HASH_SECRET", "").encode())
-            if args.action == "create":
-                key = await store.create(args.name)
-                if args.json:
-                    print(json.dumps({"name": args.name, "key": key}), file=out)
-                else:
-                    print(f"Created key for {args.name} (shown once, store it now):\n{key}", file=out)
-            elif args.action == "list":
-                rows = await store.list()
-                if args.json:
-                    print(json.dumps([{"name": n, "enabled": r.enabled,
-                                       "created_at": r.created_at.isoformat()} for n, r in rows]),
-                          file=out)
-                else:
-                    print(f"{'NAME':<32} {'STATE':<8} CREATED", file=out)
-                    for name, record in rows:
-                        state = "enabled" if record.enabled else "revoked"
-                        print(f"{name:<32} {state:<8} {record.created_at:%Y-%m-%d %H:%M:%SZ}", file=out)
-            elif args.action == "revoke":
-                await store.revoke(args.name)
-                print(f"Revoked {args.name}", file=out)
+            await _keys(KeyStore(service, secret=env.get("KEY_HASH_SECRET", "").encode()), args, out)
     finally:
         if credential is not None:
             await credential.close()

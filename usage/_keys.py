@@ -13,12 +13,21 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
-from azure.data.tables import TableTransactionError, TransactionOperation, UpdateMode
+from azure.data.tables import (
+    EdmType,
+    EntityProperty,
+    TableEntity,
+    TableTransactionError,
+    TransactionOperation,
+    UpdateMode,
+)
 from azure.data.tables.aio import TableClient, TableServiceClient
 
 from usage._tables import KEYS_TABLE
@@ -35,10 +44,38 @@ class KeyError_(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """Token quotas of a key; ``None`` is no limit."""
+
+    tokens_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in (self.tokens_per_minute, self.tokens_per_day, self.tokens_per_month))
+
+    def properties(self) -> dict[str, Any]:
+        """The key rows' properties (an absent limit is written as null, which removes it)."""
+        return {column: value for column, value in zip(_LIMIT_COLUMNS, (
+            self.tokens_per_minute, self.tokens_per_day, self.tokens_per_month), strict=True)}
+
+    @classmethod
+    def from_entity(cls, entity: Mapping[str, Any]) -> Limits:
+        values = [entity.get(column) for column in _LIMIT_COLUMNS]
+        minute, day, month = (None if v is None else int(getattr(v, "value", v)) for v in values)
+        return cls(minute, day, month)
+
+
+_LIMIT_COLUMNS = ("TokensPerMinute", "TokensPerDay", "TokensPerMonth")
+
+
+@dataclass(frozen=True, slots=True)
 class KeyRecord:
     name: str
     enabled: bool
     created_at: datetime
+    limits: Limits = Limits()
 
 
 def hash_key(key: str, secret: bytes = b"") -> str:
@@ -50,13 +87,24 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-def _created(entity: dict[str, object]) -> datetime:
+def _created(entity: Mapping[str, Any]) -> datetime:
     value = entity.get("CreatedAt")
     return value if isinstance(value, datetime) else datetime.fromtimestamp(0, UTC)
 
 
+def _record(name: str, entity: Mapping[str, Any]) -> KeyRecord:
+    return KeyRecord(name, bool(entity.get("Enabled")), _created(entity), Limits.from_entity(entity))
+
+
+def _with_limits(entity: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """``entity`` without limit columns, plus ``limits``' set ones as Int64."""
+    kept = {k: v for k, v in entity.items() if k not in _LIMIT_COLUMNS}
+    kept.update({k: EntityProperty(v, EdmType.INT64) for k, v in limits.properties().items() if v is not None})
+    return kept
+
+
 class KeyStore:
-    """Creates, lists, revokes and looks up subscription keys (the table must exist for writes)."""
+    """Creates, lists, revokes and looks up subscription keys, with their quotas."""
 
     def __init__(self, service: TableServiceClient, *, secret: bytes = b"") -> None:
         self._table: TableClient = service.get_table_client(KEYS_TABLE)
@@ -73,9 +121,9 @@ class KeyStore:
             entity = await self._table.get_entity(PARTITION, "hash-" + hash_key(key, self._secret))
         except ResourceNotFoundError:
             return None
-        return KeyRecord(str(entity["Name"]), bool(entity.get("Enabled")), _created(entity))
+        return _record(str(entity["Name"]), entity)
 
-    async def create(self, name: str) -> str:
+    async def create(self, name: str, *, limits: Limits = Limits()) -> str:
         """A new key for ``name`` (returned once, never stored in clear); replaces a revoked one."""
         if not KEY_NAME.fullmatch(name):
             raise KeyError_(f"key name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
@@ -83,68 +131,67 @@ class KeyStore:
         key = new_key()
         digest = hash_key(key, self._secret)
         now = datetime.now(UTC)
-        name_row = {"PartitionKey": PARTITION, "RowKey": "name-" + name, "Hash": digest,
-                    "Enabled": True, "CreatedAt": now}
-        hash_row = {"PartitionKey": PARTITION, "RowKey": "hash-" + digest, "Name": name,
-                    "Enabled": True, "CreatedAt": now}
+        name_row = _with_limits({"PartitionKey": PARTITION, "RowKey": "name-" + name, "Hash": digest,
+                                 "Enabled": True, "CreatedAt": now}, limits)
+        hash_row = _with_limits({"PartitionKey": PARTITION, "RowKey": "hash-" + digest, "Name": name,
+                                 "Enabled": True, "CreatedAt": now}, limits)
         try:
             existing = await self._table.get_entity(PARTITION, "name-" + name)
         except ResourceNotFoundError:
             existing = None
         if existing is None:
-            operations: list[tuple[TransactionOperation, dict[str, object]]] = [
-                (TransactionOperation.CREATE, name_row),
-                (TransactionOperation.CREATE, hash_row),
-            ]
-            await self._submit(operations, name)
+            await self._submit([(TransactionOperation.CREATE, name_row), (TransactionOperation.CREATE, hash_row)],
+                               name)
             return key
         if existing.get("Enabled"):
             raise KeyError_(f"key {name!r} exists and is enabled; revoke it first")
-        await self._submit(
-            [
-                (TransactionOperation.UPDATE, name_row,
-                 {"mode": UpdateMode.REPLACE, "etag": existing.metadata["etag"],
-                  "match_condition": MatchConditions.IfNotModified}),
-                (TransactionOperation.CREATE, hash_row),
-            ],
-            name,
-        )
+        await self._submit([_replace(name_row, existing), (TransactionOperation.CREATE, hash_row)], name)
         return key
 
-    async def _submit(self, operations: list, name: str) -> None:  # type: ignore[type-arg]
+    async def _submit(self, operations: list[Any], name: str) -> None:
         try:
             await self._table.submit_transaction(operations)
         except TableTransactionError as exc:
-            raise KeyError_(f"key {name!r} was changed by someone else; try again") from exc
+            raise KeyError_(f"key {name!r} was changed by someone else at the same time; try again") from exc
 
-    async def list(self) -> list[tuple[str, KeyRecord]]:
-        """``(name, record)`` for every key, sorted by name."""
-        rows: list[tuple[str, KeyRecord]] = []
+    async def _rows(self, name: str) -> tuple[TableEntity, TableEntity]:
         try:
-            async for entity in self._table.query_entities(
-                "PartitionKey eq @p and RowKey ge 'name-' and RowKey lt 'name.'",
-                parameters={"p": PARTITION},
-            ):
-                name = str(entity["RowKey"])[len("name-"):]
-                rows.append((name, KeyRecord(name, bool(entity.get("Enabled")), _created(entity))))
-        except ResourceNotFoundError:
-            return []
-        return sorted(rows)
-
-    async def revoke(self, name: str) -> None:
-        try:
-            row = await self._table.get_entity(PARTITION, "name-" + name)
+            name_row = await self._table.get_entity(PARTITION, "name-" + name)
+            hash_row = await self._table.get_entity(PARTITION, "hash-" + str(name_row["Hash"]))
         except ResourceNotFoundError:
             raise KeyError_(f"no key named {name!r}") from None
-        patch = {"Enabled": False}
-        await self._submit(
-            [
-                (TransactionOperation.UPDATE,
-                 {"PartitionKey": PARTITION, "RowKey": "name-" + name, **patch},
-                 {"mode": UpdateMode.MERGE}),
-                (TransactionOperation.UPDATE,
-                 {"PartitionKey": PARTITION, "RowKey": "hash-" + str(row["Hash"]), **patch},
-                 {"mode": UpdateMode.MERGE}),
-            ],
-            name,
-        )
+        return name_row, hash_row
+
+    async def list(self) -> list[KeyRecord]:
+        """Every key's record, sorted by name."""
+        records: list[KeyRecord] = []
+        try:
+            async for entity in self._table.query_entities(
+                "PartitionKey eq @p and RowKey ge @lo and RowKey lt @hi",
+                parameters={"p": PARTITION, "lo": "name-", "hi": "name."},
+            ):
+                records.append(_record(str(entity["RowKey"])[len("name-"):], entity))
+        except ResourceNotFoundError:
+            return []
+        return sorted(records, key=lambda r: r.name)
+
+    async def revoke(self, name: str) -> None:
+        name_row, hash_row = await self._rows(name)
+        await self._submit([_replace({**row, "Enabled": False}, row) for row in (name_row, hash_row)], name)
+
+    async def set_limits(self, name: str, limits: Limits) -> None:
+        """Replace ``name``'s quotas with ``limits``."""
+        name_row, hash_row = await self._rows(name)
+        await self._submit([_replace(_with_limits(dict(row), limits), row) for row in (name_row, hash_row)], name)
+
+    async def get(self, name: str) -> KeyRecord:
+        name_row, _ = await self._rows(name)
+        return _record(name, name_row)
+
+
+def _replace(
+    entity: dict[str, Any], current: TableEntity
+) -> tuple[TransactionOperation, dict[str, Any], dict[str, Any]]:
+    """A transaction step replacing ``current`` with ``entity``, if nobody changed it meanwhile."""
+    return (TransactionOperation.UPDATE, entity, {
+        "mode": UpdateMode.REPLACE, "etag": current.metadata["etag"], "match_condition": MatchConditions.IfNotModified})

@@ -1,0 +1,163 @@
+"""Usage events off the request path: a bounded buffer, a background sender, a transport.
+
+``emit`` (on the request path) only appends to a ``deque``; a full buffer drops the oldest event,
+counts it and says so in the log. A background task sends batches through a transport (Service
+Bus, or in-process straight to the aggregator for the local run); a failed send puts the batch
+back at the front and retries with exponential back-off while requests go on. ``close`` flushes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+from azure.servicebus import ServiceBusMessage
+from azure.servicebus.aio import ServiceBusClient, ServiceBusSender
+from azure.servicebus.exceptions import MessageSizeExceededError
+
+from gateway._records import UsageRecord, encode_event
+from usage._aggregate import Aggregator
+
+log = logging.getLogger(__name__)
+
+
+class EventTransport(Protocol):
+    async def send(self, events: Sequence[tuple[str, bytes]]) -> None:
+        """Deliver ``(event_id, body)`` pairs, or raise."""
+
+    async def close(self) -> None: ...
+
+
+class ServiceBusTransport:
+    """Sends events as Service Bus message batches, ``message_id`` = event id."""
+
+    def __init__(self, client: ServiceBusClient, queue: str) -> None:
+        self._client = client
+        self._sender: ServiceBusSender = client.get_queue_sender(queue)
+
+    async def send(self, events: Sequence[tuple[str, bytes]]) -> None:
+        batch = await self._sender.create_message_batch()
+        for event_id, body in events:
+            message = ServiceBusMessage(body, message_id=event_id, content_type="application/json")
+            try:
+                batch.add_message(message)
+            except MessageSizeExceededError:
+                await self._sender.send_messages(batch)
+                batch = await self._sender.create_message_batch()
+                batch.add_message(message)
+        if len(batch):
+            await self._sender.send_messages(batch)
+
+    async def close(self) -> None:
+        await self._sender.close()
+        await self._client.close()
+
+
+class InProcessTransport:
+    """Hands events straight to the aggregator: the local run without Service Bus."""
+
+    def __init__(self, aggregator: Aggregator) -> None:
+        self._aggregator = aggregator
+
+    async def send(self, events: Sequence[tuple[str, bytes]]) -> None:
+        await self._aggregator.aggregate([body for _, body in events], message_ids=[i for i, _ in events])
+
+    async def close(self) -> None:
+        return None
+
+
+class UsagePublisher:
+    """A ``UsageSink`` that never blocks: buffer, background batches, back-off, flush on close."""
+
+    def __init__(
+        self,
+        transport: EventTransport,
+        *,
+        capacity: int = 10_000,
+        batch_size: int = 200,
+        initial_backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    ) -> None:
+        self._transport = transport
+        self._capacity = capacity
+        self._buffer: deque[UsageRecord] = deque(maxlen=capacity)
+        self._batch_size = batch_size
+        self._initial_backoff = initial_backoff
+        self._max_backoff = max_backoff
+        self._sleep = sleep
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.sent = 0
+        self.dropped = 0
+        self.failed_sends = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    def emit(self, record: UsageRecord) -> None:
+        if len(self._buffer) == self._capacity:
+            self._dropped(1)
+        self._buffer.append(record)  # a full deque drops its oldest
+        self._wakeup.set()
+
+    def _dropped(self, count: int) -> None:
+        before = self.dropped
+        self.dropped += count
+        if before == 0 or self.dropped // 1000 > before // 1000:
+            log.warning("usage buffer full (%d events): %d oldest event(s) dropped so far",
+                        self._capacity, self.dropped)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="usage-publisher")
+
+    async def _run(self) -> None:
+        backoff = self._initial_backoff
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._buffer:
+                if await self._send_one_batch():
+                    backoff = self._initial_backoff
+                else:
+                    await self._sleep(backoff)
+                    backoff = min(backoff * 2, self._max_backoff)
+
+    async def _send_one_batch(self) -> bool:
+        batch = [self._buffer.popleft() for _ in range(min(self._batch_size, len(self._buffer)))]
+        try:
+            await self._transport.send([(r.request_id, encode_event(r)) for r in batch])
+        except Exception as exc:  # any transport failure: keep the events and retry later
+            self.failed_sends += 1
+            log.warning("sending %d usage event(s) failed (%s: %s); will retry", len(batch),
+                        type(exc).__name__, str(exc)[:200])
+            room = self._capacity - len(self._buffer)
+            if len(batch) > room:
+                self._dropped(len(batch) - room)
+                batch = batch[len(batch) - room:]
+            self._buffer.extendleft(reversed(batch))
+            return False
+        self.sent += len(batch)
+        return True
+
+    async def close(self, *, flush_seconds: float = 10.0) -> None:
+        """Stop the background task, then try for up to ``flush_seconds`` to send what is left."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        try:
+            async with asyncio.timeout(flush_seconds):
+                while self._buffer:
+                    if not await self._send_one_batch():
+                        await self._sleep(self._initial_backoff)
+        except TimeoutError:
+            log.error("shutdown: %d usage event(s) could not be sent and are lost", len(self._buffer))
+        finally:
+            await self._transport.close()
