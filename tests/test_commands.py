@@ -80,3 +80,56 @@ def test_keys_cli_and_serve_end_to_end(environment: tuple[dict[str, str], Simula
     assert document["key"] not in output and "backend-secret" not in output
     listed = run(["-m", "usage", "keys", "list"], env, tmp_path)
     assert "cli-team" in listed.stdout and "revoked" in listed.stdout
+
+
+def test_quota_and_report_commands(environment: tuple[dict[str, str], SimulatedRegion], tmp_path: Path) -> None:
+    """Quotas set from the CLI show in `keys list`; `report` reads what the aggregator counted."""
+    env, _ = environment
+    created = run(["-m", "usage", "keys", "create", "--name", "quota-team", "--tokens-per-minute", "1000",
+                   "--tokens-per-day", "20000", "--json"], env, tmp_path)
+    assert created.returncode == 0, created.stderr
+    document = json.loads(created.stdout)
+    assert (document["tokens_per_minute"], document["tokens_per_day"], document["tokens_per_month"]) == (
+        1000, 20000, None)
+    changed = run(["-m", "usage", "keys", "set-quota", "quota-team", "--tokens-per-minute", "none",
+                   "--tokens-per-month", "500000"], env, tmp_path)
+    assert changed.returncode == 0, changed.stderr
+    rows = {r["name"]: r for r in json.loads(run(["-m", "usage", "keys", "list", "--json"], env, tmp_path).stdout)}
+    assert (rows["quota-team"]["tokens_per_minute"], rows["quota-team"]["tokens_per_day"],
+            rows["quota-team"]["tokens_per_month"]) == (None, 20000, 500000)
+
+    bad = run(["-m", "usage", "keys", "set-quota", "quota-team", "--tokens-per-day", "-5"], env, tmp_path)
+    assert bad.returncode == 2 and "negative" in bad.stderr
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", str(port)], cwd=tmp_path,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        client = openai.AzureOpenAI(azure_endpoint=f"http://127.0.0.1:{port}", api_key=document["key"],
+                                    api_version="2024-10-21")
+        totals = []
+        for stream in (True, False):
+            if stream:
+                chunks = list(client.chat.completions.create(
+                    model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True,
+                    stream_options={"include_usage": True}))
+                usage = chunks[-1].usage
+            else:
+                usage = client.chat.completions.create(model="gpt-4o",
+                                                       messages=[{"role": "user", "content": "hi"}]).usage
+            assert usage is not None
+            totals.append(usage.total_tokens)
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(30)  # shutdown flushes the usage buffer into the tables
+    report = run(["-m", "usage", "report", "--key", "quota-team", "--format", "json"], env, tmp_path)
+    assert report.returncode == 0, report.stderr
+    [row] = json.loads(report.stdout)
+    assert row["key"] == "quota-team" and row["total_tokens"] == sum(totals) and row["requests"] == 2
+    by_day = run(["-m", "usage", "report", "--key", "quota-team", "--by", "day", "--format", "chart"], env, tmp_path)
+    assert "█" in by_day.stdout and f"{sum(totals):,}" in by_day.stdout
+    table = run(["-m", "usage", "report", "--by", "deployment"], env, tmp_path)
+    assert "gpt-4o" in table.stdout and "TOTAL" in table.stdout
+    reversed_range = run(["-m", "usage", "report", "--since", "2026-02-01", "--until", "2026-01-01"], env, tmp_path)
+    assert reversed_range.returncode == 2 and "after" in reversed_range.stderr

@@ -8,13 +8,16 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from datetime import UTC, date, datetime
 from typing import Any, TextIO
 
 from azure.core.exceptions import AzureError
+from azure.data.tables.aio import TableServiceClient
 from azure.identity.aio import DefaultAzureCredential
 
 from usage._config import SettingsError, load_storage_config, read_environment
 from usage._keys import KeyError_, KeyRecord, KeyStore, Limits
+from usage._report import GROUPS, group, read_days, render
 from usage._tables import open_table_service
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="print a JSON list")
     revoke = actions.add_parser("revoke", help="disable a key (gateways notice within KEY_CACHE_SECONDS)")
     revoke.add_argument("name")
+    report = commands.add_parser("report", help="usage over a date range, grouped, as table/csv/json/chart")
+    report.add_argument("--key", help="only this key (team)")
+    report.add_argument("--deployment", help="only this deployment")
+    today = datetime.now(UTC).date()
+    report.add_argument("--since", type=date.fromisoformat, default=today.replace(day=1), metavar="YYYY-MM-DD",
+                        help="first day (UTC, default: the 1st of this month)")
+    report.add_argument("--until", type=date.fromisoformat, default=today, metavar="YYYY-MM-DD",
+                        help="last day, included (UTC, default: today)")
+    report.add_argument("--by", choices=GROUPS, default="key")
+    report.add_argument("--format", choices=("table", "csv", "json", "chart"), default="table",
+                        help="chart: bars of total tokens, e.g. with --by day for usage over time")
     return parser
 
 
@@ -100,13 +114,25 @@ async def _keys(store: KeyStore, args: argparse.Namespace, out: TextIO) -> None:
         print(f"Revoked {args.name}", file=out)
 
 
+async def _report(service: TableServiceClient, args: argparse.Namespace, out: TextIO) -> None:
+    def progress(message: str) -> None:  # on stderr, so stdout stays clean for csv and json
+        print(f"  .. {message}", file=sys.stderr, flush=True)
+
+    days = await read_days(service, since=args.since, until=args.until, key=args.key, deployment=args.deployment,
+                           progress=progress)
+    print(render(group(days, args.by), args.by, args.format), file=out)
+
+
 async def _run(args: argparse.Namespace, out: TextIO) -> int:
     env = read_environment()
     config = load_storage_config(env)
     credential = DefaultAzureCredential() if config.uses_identity else None
     try:
         async with open_table_service(config, credential=credential) as service:
-            await _keys(KeyStore(service, secret=env.get("KEY_HASH_SECRET", "").encode()), args, out)
+            if args.command == "report":
+                await _report(service, args, out)
+            else:
+                await _keys(KeyStore(service, secret=env.get("KEY_HASH_SECRET", "").encode()), args, out)
     finally:
         if credential is not None:
             await credential.close()
@@ -115,7 +141,10 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
 
 def main(argv: Sequence[str] | None = None, *, out: TextIO = sys.stdout) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "report" and args.since > args.until:
+        parser.error(f"--since {args.since} is after --until {args.until}")
     try:
         return asyncio.run(_run(args, out))
     except SettingsError as exc:
