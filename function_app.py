@@ -9,9 +9,11 @@ import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, StreamingResponse
 
 from gateway import GatewayRuntime, not_routed, proxy_request
+from usage import AggregatorRuntime, aggregate_messages
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
 runtime = GatewayRuntime()
+aggregator = AggregatorRuntime()
 
 
 @app.route(route="openai/deployments/{deployment}/chat/completions", methods=["POST"])
@@ -42,3 +44,9 @@ async def v1_embeddings(req: Request) -> StreamingResponse:
 @app.route(route="{*path}")
 async def not_found(req: Request) -> StreamingResponse:
     return await not_routed(req)
+
+
+@app.service_bus_queue_trigger(arg_name="messages", queue_name="%USAGE_QUEUE_NAME%",
+                               connection="ServiceBusConnection", cardinality="many")
+async def aggregate_usage(messages: list[func.ServiceBusMessage]) -> None:
+    await aggregate_messages(aggregator, messages)

@@ -174,12 +174,13 @@ class Gateway:
     settings: Settings
     logs: CapturedLogs
 
-    def create_key(self, name: str, limits: Limits = Limits()) -> str:
+    def create_key(self, name: str, limits: Limits | None = None) -> str:
         """A new subscription key (with quotas) in the gateway's key table."""
 
         async def create() -> str:
             async with open_table_service(self.settings.storage) as service:
-                return await KeyStore(service, secret=self.settings.key_hash_secret).create(name, limits=limits)
+                store = KeyStore(service, secret=self.settings.key_hash_secret)
+                return await store.create(name, limits=limits or Limits())
 
         return self.loop.run(create())
 

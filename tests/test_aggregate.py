@@ -116,3 +116,23 @@ async def test_large_batch_for_one_key_splits_transactions(service: Any) -> None
     month = await table.get_entity(f"2026-11|{key}", "month|2026-11|gpt-4o")
     estimated = sum(json.loads(b)["total_tokens"] for b in bodies[::4])
     assert as_int(month["EstimatedTokens"]) == estimated
+
+
+async def test_trigger_function_counts_a_functions_batch(storage: str, service: Any) -> None:
+    """aggregate_messages, what the queue trigger calls, counts azure.functions messages once."""
+    import azure.functions as func
+
+    from usage import AggregatorRuntime, aggregate_messages
+
+    key = f"k{uuid.uuid4().hex[:8]}"
+    bodies = [event(key, n) for n in range(10)]
+    messages = [func.ServiceBusMessage(body=b, message_id=json.loads(b)["event_id"]) for b in bodies]
+    runtime = AggregatorRuntime()
+    await runtime.aggregator({"UsageStorage": storage})
+    try:
+        first = await aggregate_messages(runtime, messages)
+        again = await aggregate_messages(runtime, messages[:4])
+    finally:
+        await runtime.close()
+    assert (first.counted, again.counted, again.duplicates) == (10, 0, 4)
+    assert await counters(service, key, "month|2026-11|gpt-4o") == expected(bodies)

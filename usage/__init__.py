@@ -1,13 +1,25 @@
 """Usage, keys and quotas in Azure Table Storage."""
 
+from usage._aggregate import Aggregator, BatchResult
 from usage._config import StorageConfig, load_storage_config, read_environment
-from usage._keys import KeyRecord, KeyStore, hash_key
+from usage._events import MalformedEvent, UsageEvent, decode_event
+from usage._functions import AggregatorRuntime, QueueMessage, aggregate_messages
+from usage._keys import KeyRecord, KeyStore, Limits, hash_key
 from usage._tables import open_table_service
 
 __all__ = [
+    "Aggregator",
+    "AggregatorRuntime",
+    "BatchResult",
     "KeyRecord",
     "KeyStore",
+    "Limits",
+    "MalformedEvent",
+    "QueueMessage",
     "StorageConfig",
+    "UsageEvent",
+    "aggregate_messages",
+    "decode_event",
     "hash_key",
     "load_storage_config",
     "open_table_service",

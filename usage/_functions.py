@@ -1,0 +1,66 @@
+"""The plain async function behind the Service Bus queue trigger, and the clients it needs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from azure.data.tables.aio import TableServiceClient
+from azure.identity.aio import DefaultAzureCredential
+
+from usage._aggregate import Aggregator, BatchResult
+from usage._config import load_storage_config, read_environment
+from usage._tables import open_table_service
+
+log = logging.getLogger(__name__)
+
+
+class QueueMessage(Protocol):
+    """What the aggregator needs of a message (``azure.functions.ServiceBusMessage`` has it)."""
+
+    @property
+    def message_id(self) -> str | None: ...
+
+    def get_body(self) -> bytes: ...
+
+
+class AggregatorRuntime:
+    """One table client and aggregator per process, made in the running loop on first use."""
+
+    def __init__(self) -> None:
+        self._aggregator: Aggregator | None = None
+        self._service: TableServiceClient | None = None
+        self._credential: DefaultAzureCredential | None = None
+        self._lock: asyncio.Lock | None = None
+
+    async def aggregator(self, env: Mapping[str, str] | None = None) -> Aggregator:
+        if self._aggregator is not None:
+            return self._aggregator
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._aggregator is None:
+                config = load_storage_config(read_environment() if env is None else env)
+                self._credential = DefaultAzureCredential() if config.uses_identity else None
+                self._service = open_table_service(config, credential=self._credential)
+                self._aggregator = Aggregator(self._service)
+            return self._aggregator
+
+    async def close(self) -> None:
+        if self._service is not None:
+            await self._service.close()
+        if self._credential is not None:
+            await self._credential.close()
+        self._aggregator = self._service = self._credential = None
+        self._lock = None
+
+
+async def aggregate_messages(runtime: AggregatorRuntime, messages: Sequence[QueueMessage]) -> BatchResult:
+    """Count a batch of usage messages exactly once. Raises on storage errors, so the runtime retries."""
+    aggregator = await runtime.aggregator()
+    result = await aggregator.aggregate([m.get_body() for m in messages], message_ids=[m.message_id for m in messages])
+    log.info("usage batch of %d: %d counted, %d duplicate(s), %d rejected, %d transaction(s)",
+             len(messages), result.counted, result.duplicates, result.rejected, result.transactions)
+    return result
