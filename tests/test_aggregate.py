@@ -120,13 +120,15 @@ async def test_large_batch_for_one_key_splits_transactions(service: Any) -> None
 
 async def test_trigger_function_counts_a_functions_batch(storage: str, service: Any) -> None:
     """aggregate_messages, what the queue trigger calls, counts azure.functions messages once."""
-    import azure.functions as func
+    from azure.functions.servicebus import ServiceBusMessage  # the type the worker hands the trigger
 
     from usage import AggregatorRuntime, aggregate_messages
 
     key = f"k{uuid.uuid4().hex[:8]}"
     bodies = [event(key, n) for n in range(10)]
-    messages = [func.ServiceBusMessage(body=b, message_id=json.loads(b)["event_id"]) for b in bodies]
+    messages = [ServiceBusMessage(body=b, message_id=json.loads(b)["event_id"], application_properties={},
+                                  user_properties={})
+                for b in bodies]
     runtime = AggregatorRuntime()
     await runtime.aggregator({"UsageStorage": storage})
     try:
