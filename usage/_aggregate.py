@@ -68,6 +68,7 @@ class BatchResult:
     duplicates: int
     rejected: int
     transactions: int
+    partitions: int
 
 
 def as_int(value: Any) -> int:
@@ -144,6 +145,7 @@ class Aggregator:
             duplicates=in_batch_duplicates + sum(r[1] for r in results),
             rejected=rejected,
             transactions=sum(r[2] for r in results),
+            partitions=len(partitions),
         )
 
     async def _reject(self, body: bytes | str, reason: str, message_id: str | None) -> None:
