@@ -113,7 +113,8 @@ def main() -> None:
         print(f"| {batch} | {figures['events_per_second']:,.0f} | {figures['requests_per_1000']:.1f} | "
               f"{figures['transactions_per_partition_batch']:.2f} / {figures['worst']:.2f} |")
     redelivered = rows[-1][1]["redelivered_per_second"]
-    print(f"\nRedelivering all {args.events} events (batches of 1000): {redelivered:,.0f} events/s, nothing counted twice")
+    print(f"\nRedelivering all {args.events} events (batches of 1000): {redelivered:,.0f} events/s, "
+          "nothing counted twice")
     print(f"Publisher on the request path: {emit:.2f} µs per emit; encoding off the path: {encode:.2f} µs per event")
 
 

@@ -13,7 +13,7 @@ import json
 import logging
 import re
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -22,6 +22,8 @@ import azure.functions as func
 from azure.functions.decorators.http import HttpTrigger
 from fastapi import Request
 from starlette.types import Receive, Scope, Send
+
+from gateway._triggers import TriggerRunner, queue_triggers
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +62,19 @@ def _compile(template: str) -> tuple[re.Pattern[str], tuple[int, int, int]]:
 _INDEXED: weakref.WeakKeyDictionary[func.FunctionApp, list[Any]] = weakref.WeakKeyDictionary()
 
 
-def http_routes(app: func.FunctionApp) -> list[_Route]:
-    """The app's HTTP functions, most specific route first."""
+def indexed(app: func.FunctionApp) -> list[Any]:
+    """The app's functions (indexed once per app)."""
     if app not in _INDEXED:
         _INDEXED[app] = app.get_functions()
+    return _INDEXED[app]
+
+
+def http_routes(functions: list[Any]) -> list[_Route]:
+    """The HTTP functions, most specific route first."""
     routes = []
-    for function in _INDEXED[app]:
+    for function in functions:
         trigger = function.get_trigger()
         if not isinstance(trigger, HttpTrigger):
-            log.info("the local host does not run %s (%s)", function.get_function_name(), type(trigger).__name__)
             continue
         template = trigger.route or function.get_function_name()
         pattern, rank = _compile(template)
@@ -89,7 +95,8 @@ async def _plain_error(send: Send, status: int, code: str, message: str) -> None
 
 
 class LocalHost:
-    """An ASGI app serving ``app``'s HTTP functions; ``startup``/``shutdown`` run in its lifespan."""
+    """An ASGI app serving ``app``'s HTTP functions, and its Service Bus queue triggers whose
+    connection is in ``env``; ``startup``/``shutdown`` run in its lifespan around them."""
 
     def __init__(
         self,
@@ -97,8 +104,11 @@ class LocalHost:
         *,
         startup: Callable[[], Awaitable[object]] | None = None,
         shutdown: Callable[[], Awaitable[object]] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
-        self._routes = http_routes(app)
+        functions = indexed(app)
+        self._routes = http_routes(functions)
+        self._triggers = TriggerRunner(queue_triggers(functions, env or {}), env or {})
         self._startup = startup
         self._shutdown = shutdown
 
@@ -114,8 +124,12 @@ class LocalHost:
             hook = self._startup if message["type"] == "lifespan.startup" else self._shutdown
             stage = "startup" if message["type"] == "lifespan.startup" else "shutdown"
             try:
+                if stage == "shutdown":
+                    await self._triggers.stop()
                 if hook is not None:
                     await hook()
+                if stage == "startup":
+                    self._triggers.start()
             except Exception as exc:  # reported to uvicorn, which stops with the message
                 log.error("%s failed: %s", stage, exc)
                 await send({"type": f"lifespan.{stage}.failed", "message": str(exc)})

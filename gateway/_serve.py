@@ -35,8 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("azure").setLevel(logging.WARNING)  # the SDKs log every storage call at INFO
+    env = read_environment()
     try:
-        settings = load_settings(read_environment())
+        settings = load_settings(env)
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -44,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.path.insert(0, str(PROJECT))
     functions = importlib.import_module("function_app")
     runtime = functions.runtime
-    host = LocalHost(functions.app, startup=lambda: runtime.start(settings), shutdown=runtime.close)
+    host = LocalHost(functions.app, startup=lambda: runtime.start(settings), shutdown=runtime.close, env=env)
     config = uvicorn.Config(host, host=args.host, port=args.port, log_level="warning",
                             access_log=False, lifespan="on", timeout_graceful_shutdown=5)
     log.info("serving function_app.py on http://%s:%d", args.host, args.port)
