@@ -40,7 +40,8 @@ async def aggregation(storage: str, *, count: int, keys: int, batch: int, redeli
         aggregator = Aggregator(service)
         await aggregator.ensure_tables()
         aggregator.table_requests = 0
-        transactions = partitions = worst = 0
+        transactions = partitions = 0
+        worst = 0.0
         started = time.perf_counter()
         for index in range(0, count, batch):
             result = await aggregator.aggregate(bodies[index:index + batch])

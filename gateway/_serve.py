@@ -44,8 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if str(PROJECT) not in sys.path:
         sys.path.insert(0, str(PROJECT))
     functions = importlib.import_module("function_app")
-    runtime = functions.runtime
-    host = LocalHost(functions.app, startup=lambda: runtime.start(settings), shutdown=runtime.close, env=env)
+    runtime, aggregator = functions.runtime, functions.aggregator
+
+    async def shutdown() -> None:
+        await runtime.close()
+        await aggregator.close()
+
+    host = LocalHost(functions.app, startup=lambda: runtime.start(settings), shutdown=shutdown, env=env)
     config = uvicorn.Config(host, host=args.host, port=args.port, log_level="warning",
                             access_log=False, lifespan="on", timeout_graceful_shutdown=5)
     log.info("serving function_app.py on http://%s:%d", args.host, args.port)

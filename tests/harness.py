@@ -202,6 +202,7 @@ def running_gateway(
     connection_string: str,
     *,
     backends: Callable[[tuple[BackendConfig, ...]], tuple[BackendConfig, ...]] | None = None,
+    env: dict[str, str] | None = None,
     **overrides: Any,
 ) -> Iterator[Gateway]:
     """Two simulated regions (same priority, eastus chosen first), the gateway, and a fresh key.
@@ -238,12 +239,19 @@ def running_gateway(
     previous_level = root.level
     root.addHandler(logs)
     root.setLevel(logging.DEBUG)
-    runtime = function_app.runtime
-    host = LocalHost(
-        function_app.app,
-        startup=lambda: runtime.start(settings, clock=clock, random=lambda: 0.0, sink=sink),
-        shutdown=runtime.close,
-    )
+    for noisy in ("proton", "azure.servicebus._pyamqp"):  # frame-by-frame AMQP traces
+        logging.getLogger(noisy).setLevel(logging.INFO)
+    runtime, aggregator = function_app.runtime, function_app.aggregator
+
+    async def startup() -> None:
+        await runtime.start(settings, clock=clock, random=lambda: 0.0, sink=sink)
+        await aggregator.aggregator({"UsageStorage": connection_string})  # what the queue trigger writes to
+
+    async def shutdown() -> None:
+        await runtime.close()
+        await aggregator.close()
+
+    host = LocalHost(function_app.app, startup=startup, shutdown=shutdown, env=env)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(host, host="127.0.0.1", port=port, log_level="warning",
                                            lifespan="on", access_log=False))

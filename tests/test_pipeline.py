@@ -8,6 +8,7 @@ from typing import Any
 
 import openai
 import pytest
+from azure.core.exceptions import ResourceNotFoundError
 
 from tests.harness import Gateway
 from usage import open_table_service
@@ -23,9 +24,12 @@ def month_row(gw: Gateway, key_name: str, deployment: str = "gpt-4o") -> dict[st
         async with open_table_service(gw.settings.storage) as service:
             table = service.get_table_client(USAGE_TABLE)
             month = time.strftime("%Y-%m", time.gmtime())
-            entities = [e async for e in table.query_entities(
-                "PartitionKey eq @pk and RowKey eq @rk",
-                parameters={"pk": f"{month}|{key_name}", "rk": f"month|{month}|{deployment}"})]
+            try:
+                entities = [e async for e in table.query_entities(
+                    "PartitionKey eq @pk and RowKey eq @rk",
+                    parameters={"pk": f"{month}|{key_name}", "rk": f"month|{month}|{deployment}"})]
+            except ResourceNotFoundError:  # no usage table yet
+                return None
             if not entities:
                 return None
             return {name: as_int(entities[0][name]) for name in ("Requests", "TotalTokens", "EstimatedTokens")}
