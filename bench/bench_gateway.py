@@ -25,6 +25,7 @@ import aiohttp
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
+from tests.amqp_broker import AmqpBroker  # noqa: E402
 from tests.harness import azurite, free_port, wait_for_port  # noqa: E402
 from usage import KeyStore, StorageConfig, open_table_service  # noqa: E402
 
@@ -109,9 +110,12 @@ def main() -> None:
     parser.add_argument("--chunk-delay-ms", type=float, default=0.0,
                         help="pause between the fast region's chunks (0: as fast as it can write)")
     parser.add_argument("--open-streams", type=int, default=1000)
+    parser.add_argument("--usage", choices=("servicebus", "inprocess"), default="servicebus",
+                        help="where the gateway sends usage events: the AMQP test broker (as in Azure), or "
+                             "straight to the aggregator in the gateway's process (the local run)")
     args = parser.parse_args()
     python = sys.executable
-    with azurite() as storage:
+    with azurite() as storage, AmqpBroker() as broker:
         key = asyncio.run(make_key(storage))
         fast_port, slow_port, bare_port, gw_port = free_port(), free_port(), free_port(), free_port()
         fast = f"http://127.0.0.1:{fast_port}"
@@ -120,6 +124,8 @@ def main() -> None:
                "AOAI_BACKENDS": json.dumps([
                    {"name": "fast", "endpoint": fast, "api_key": "k", "deployments": ["gpt-4o"]},
                    {"name": "slow", "endpoint": slow, "api_key": "k", "deployments": ["slow"]}])}
+        if args.usage == "servicebus":
+            env["ServiceBusConnection"] = broker.connection_string
         region = [python, "-m", "gateway.simulator", "--api-key", "k", "--chunks", str(args.chunks)]
         with process([*region, "--port", str(fast_port), "--chunk-delay-ms", str(args.chunk_delay_ms)], fast_port), \
              process([*region, "--port", str(slow_port), "--chunk-delay-ms", "200"], slow_port), \
@@ -169,7 +175,7 @@ async def make_key(storage: str) -> str:
 
 def report(rows: list[tuple[str, int, Run, float | None]], idle: int, open_rss: int, args: argparse.Namespace) -> None:
     print(f"\n{args.requests} streams of {args.chunks} chunks per run, {args.chunk_delay_ms} ms between chunks, "
-          "simulated region on 127.0.0.1\n")
+          f"simulated region on 127.0.0.1, usage events: {args.usage}\n")
     print("| path | streams at once | first chunk p50 / p95 / p99 (ms) | total p50 / p95 / p99 (ms) "
           "| streams/s | CPU per stream (ms) |")
     print("|---|---:|---|---|---:|---:|")

@@ -1,7 +1,8 @@
 """Usage events off the request path: a bounded buffer, a background sender, a transport.
 
 ``emit`` (on the request path) only appends to a ``deque``; a full buffer drops the oldest event,
-counts it and says so in the log. A background task sends batches through a transport (Service
+counts it and says so in the log. A background task waits ``linger`` for a batch to gather, then
+sends batches through a transport (Service
 Bus, or in-process straight to the aggregator for the local run); a failed send puts the batch
 back at the front and retries with exponential back-off while requests go on. ``close`` flushes.
 """
@@ -79,6 +80,7 @@ class UsagePublisher:
         *,
         capacity: int = 10_000,
         batch_size: int = 200,
+        linger: float = 0.2,
         initial_backoff: float = 0.5,
         max_backoff: float = 30.0,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
@@ -87,6 +89,7 @@ class UsagePublisher:
         self._capacity = capacity
         self._buffer: deque[UsageRecord] = deque(maxlen=capacity)
         self._batch_size = batch_size
+        self._linger = linger
         self._initial_backoff = initial_backoff
         self._max_backoff = max_backoff
         self._sleep = sleep
@@ -120,6 +123,8 @@ class UsagePublisher:
         backoff = self._initial_backoff
         while True:
             await self._wakeup.wait()
+            if self._linger and len(self._buffer) < self._batch_size:
+                await self._sleep(self._linger)  # gather a batch: one send per burst, not per request
             self._wakeup.clear()
             while self._buffer:
                 if await self._send_one_batch():

@@ -48,7 +48,7 @@ async def test_events_survive_an_outage_and_arrive_once_in_order() -> None:
             transport.down = False
         await asyncio.sleep(0)
 
-    publisher = UsagePublisher(transport, batch_size=7, sleep=sleep, initial_backoff=0.5, max_backoff=4.0)
+    publisher = UsagePublisher(transport, batch_size=7, linger=0, sleep=sleep, initial_backoff=0.5, max_backoff=4.0)
     publisher.start()
     for n in range(20):
         publisher.emit(record(n))
