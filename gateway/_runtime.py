@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Mapping
 
 import aiohttp
+from azure.core.credentials_async import AsyncTokenCredential
 from azure.data.tables.aio import TableServiceClient
 from azure.identity.aio import DefaultAzureCredential
 from azure.servicebus.aio import ServiceBusClient
@@ -35,7 +36,8 @@ class GatewayRuntime:
 
     Nothing happens at construction: ``start`` (or the first ``proxy()``) builds everything in
     the running event loop, ``close`` releases it. The Functions host calls ``proxy()`` lazily;
-    the local host and tests call ``start`` with their own settings, clock and sink.
+    the local host and tests call ``start`` with their own settings, clock and sink (and may pass
+    a credential; otherwise ``DefaultAzureCredential`` is made when a setting needs one).
     """
 
     def __init__(self) -> None:
@@ -54,6 +56,7 @@ class GatewayRuntime:
         wall_clock: Callable[[], float] = time.time,
         random: Callable[[], float] = _random.random,
         sink: UsageSink | None = None,
+        credential: AsyncTokenCredential | None = None,
     ) -> Proxy:
         if self._lock is None:
             self._lock = asyncio.Lock()
@@ -67,10 +70,10 @@ class GatewayRuntime:
                 auto_decompress=False,
             )
             self._closers.append(session.close)
-            credential = None
-            if settings.needs_credential:
-                credential = DefaultAzureCredential()
-                self._closers.append(credential.close)
+            if credential is None and settings.needs_credential:
+                default = DefaultAzureCredential()
+                self._closers.append(default.close)
+                credential = default
             tables = open_table_service(settings.storage, credential=credential, session=session)
             self._closers.append(tables.close)
             store = KeyStore(tables, secret=settings.key_hash_secret)
@@ -101,7 +104,7 @@ class GatewayRuntime:
 
     @staticmethod
     def _transport(
-        settings: Settings, tables: TableServiceClient, credential: DefaultAzureCredential | None
+        settings: Settings, tables: TableServiceClient, credential: AsyncTokenCredential | None
     ) -> EventTransport:
         config = settings.service_bus
         if config is None:

@@ -203,6 +203,7 @@ def running_gateway(
     *,
     backends: Callable[[tuple[BackendConfig, ...]], tuple[BackendConfig, ...]] | None = None,
     env: dict[str, str] | None = None,
+    credential: Any = None,
     **overrides: Any,
 ) -> Iterator[Gateway]:
     """Two simulated regions (same priority, eastus chosen first), the gateway, and a fresh key.
@@ -244,7 +245,7 @@ def running_gateway(
     runtime, aggregator = function_app.runtime, function_app.aggregator
 
     async def startup() -> None:
-        await runtime.start(settings, clock=clock, random=lambda: 0.0, sink=sink)
+        await runtime.start(settings, clock=clock, random=lambda: 0.0, sink=sink, credential=credential)
         await aggregator.aggregator({"UsageStorage": connection_string})  # what the queue trigger writes to
 
     async def shutdown() -> None:
