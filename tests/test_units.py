@@ -144,3 +144,22 @@ def test_tokenizer_loads_offline_from_the_wheel(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["2", "2"]
     assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_usage_event_round_trips_from_gateway_to_aggregator() -> None:
+    """What the gateway encodes is what the aggregator decodes, field for field (schema 1)."""
+    from dataclasses import fields
+
+    from gateway._records import UsageRecord, encode_event
+    from usage import decode_event
+
+    record = UsageRecord(
+        request_id="0123456789abcdef", time="2026-11-29T13:45:00.5+00:00", key_name="team-a", deployment="gpt-4o",
+        model="gpt-4o-2024-08-06", backend="eastus", operation="chat/completions", streaming=True, prompt_tokens=11,
+        completion_tokens=22, total_tokens=33, cached_tokens=4, reasoning_tokens=5, usage_source="estimated",
+        status=200, latency_ms=12.5, ttfb_ms=None, outcome="client_disconnected")
+    event = decode_event(encode_event(record))
+    assert event.event_id == record.request_id and event.time.isoformat() == record.time
+    shared = {f.name for f in fields(event)} - {"event_id", "time"}
+    assert {name: getattr(event, name) for name in shared} == {name: getattr(record, name) for name in shared}
+    assert event.estimated
