@@ -149,6 +149,7 @@ def test_tokenizer_loads_offline_from_the_wheel(tmp_path: Path) -> None:
 def test_usage_event_round_trips_from_gateway_to_aggregator() -> None:
     """What the gateway encodes is what the aggregator decodes, field for field (schema 1)."""
     from dataclasses import fields
+    from datetime import datetime
 
     from gateway._records import UsageRecord, encode_event
     from usage import decode_event
@@ -159,7 +160,7 @@ def test_usage_event_round_trips_from_gateway_to_aggregator() -> None:
         completion_tokens=22, total_tokens=33, cached_tokens=4, reasoning_tokens=5, usage_source="estimated",
         status=200, latency_ms=12.5, ttfb_ms=None, outcome="client_disconnected")
     event = decode_event(encode_event(record))
-    assert event.event_id == record.request_id and event.time.isoformat() == record.time
+    assert event.event_id == record.request_id and event.time == datetime.fromisoformat(record.time)
     shared = {f.name for f in fields(event)} - {"event_id", "time"}
     assert {name: getattr(event, name) for name in shared} == {name: getattr(record, name) for name in shared}
     assert event.estimated
