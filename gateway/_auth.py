@@ -83,19 +83,19 @@ class KeyCache:
     async def _lookup(self, key: str, digest: str) -> KeyRecord | None:
         pending = self._inflight.get(digest)
         if pending is not None:
-            try:
-                return await asyncio.shield(pending)
-            except AzureError as exc:
-                raise _store_unavailable() from exc
+            return await asyncio.shield(pending)
         future: asyncio.Future[KeyRecord | None] = asyncio.get_running_loop().create_future()
         self._inflight[digest] = future
         try:
             record = await self._store.lookup(key)
-        except AzureError as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: waiters get it through their own await
+        except BaseException as exc:  # waiters must never hang: they get a 503 whatever happened here
+            error = _store_unavailable()
+            future.set_exception(error)
+            future.exception()  # marked retrieved; each waiter raises it from its own await
             log.warning("key lookup failed: %s", type(exc).__name__)
-            raise _store_unavailable() from exc
+            if isinstance(exc, AzureError):
+                raise error from exc
+            raise
         finally:
             del self._inflight[digest]
         future.set_result(record)

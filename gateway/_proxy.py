@@ -47,6 +47,8 @@ _STREAM_CUT = (
     b'data: {"error":{"code":"BackendStreamInterrupted","message":'
     b'"The backend broke off the stream; the answer is incomplete."}}\n\n'
 )
+#: Above this many bytes an estimate is bytes / 4: tokenizing megabytes would stall the event loop.
+_TOKENIZE_LIMIT = 256 * 1024
 _KEY_PARAMS = frozenset({"api-key", "subscription-key", "subscription_key"})
 
 
@@ -100,6 +102,33 @@ class _Failure:
     timed_out: bool = False
 
 
+class _IdleWatch:
+    """Calls ``on_idle`` when ``last`` (set by the reader at each chunk) is ``idle`` seconds old.
+
+    One timer per stream, moved only when it fires: far cheaper than a timeout around every read.
+    """
+
+    __slots__ = ("_handle", "_idle", "_on_idle", "fired", "last", "loop")
+
+    def __init__(self, idle: float, on_idle: Callable[[], object]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.last = self.loop.time()
+        self.fired = False
+        self._idle = idle
+        self._on_idle = on_idle
+        self._handle = self.loop.call_at(self.last + idle, self._check)
+
+    def _check(self) -> None:
+        if self.loop.time() - self.last >= self._idle:
+            self.fired = True
+            self._on_idle()
+        else:
+            self._handle = self.loop.call_at(self.last + self._idle, self._check)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
 class Proxy:
     """Handles one AOAI call end to end; one instance per process."""
 
@@ -125,9 +154,8 @@ class Proxy:
         self._sink = sink
         self._clock = clock
         self._wall_clock = wall_clock
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=settings.connect_timeout, sock_read=settings.stream_idle_timeout
-        )
+        # sock_read would also bound the wait for headers: the idle limit is applied per read instead
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout, sock_read=None)
         self._no_stream_options: set[tuple[str, str | None]] = set()
 
     async def handle(self, request: Request, *, operation: str, v1: bool) -> StreamingResponse:
@@ -149,11 +177,17 @@ class Proxy:
             return await self._forward(call, context)
         except RequestError as exc:
             log.info("request %s refused: %s %s", context.request_id, exc.status, exc.code)
-            if call is not None:
-                exc.headers = {**call.response_headers, **exc.headers}
-                self._emit(call, context, "", model="", usage=None, source="none", status=exc.status,
-                           ended=self._clock(), first_byte=None, outcome="refused")
-            return error_response(exc, request_id=context.request_id)
+            error, outcome = exc, "refused"
+        except Exception:  # a bug of ours: the client gets a plain 500, the log gets the traceback
+            log.exception("request %s failed inside the gateway", context.request_id)
+            error = RequestError("The gateway failed to handle the request; it has been logged.",
+                                 status=500, code="InternalServerError")
+            outcome = "gateway_error"
+        if call is not None:  # settles any quota reservation too
+            error.headers = {**call.response_headers, **error.headers}
+            self._emit(call, context, "", model="", usage=None, source="none", status=error.status,
+                       ended=self._clock(), first_byte=None, outcome=outcome)
+        return error_response(error, request_id=context.request_id)
 
     # -- the client's request ------------------------------------------------------------
 
@@ -186,7 +220,7 @@ class Proxy:
         raw = await self._read_body(request)
         try:
             body = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             raise BadRequest("The request body is not valid JSON.", code="InvalidRequestBody") from None
         if not isinstance(body, dict):
             raise BadRequest("The request body must be a JSON object.", code="InvalidRequestBody")
@@ -222,10 +256,7 @@ class Proxy:
 
     def _reservation_estimate(self, call: Call) -> int:
         """What a request may use: its prompt estimate plus its completion cap, as AOAI's limiter counts."""
-        try:
-            prompt = _tokens.prompt_tokens(call.body, call.operation, call.deployment)
-        except (OSError, ValueError):
-            prompt = len(call.raw) // 4
+        prompt = self._prompt_estimate(call, call.deployment)
         cap = call.body.get("max_completion_tokens", call.body.get("max_tokens"))
         choices = call.body.get("n")
         if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
@@ -250,7 +281,7 @@ class Proxy:
         if with_usage:
             options = body.get("stream_options")
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-        return json.dumps(body, ensure_ascii=False).encode()
+        return json.dumps(body).encode()  # ASCII escapes: safe for lone surrogates the client sent
 
     def _url_for(self, call: Call, backend: BackendConfig) -> str:
         if call.v1:
@@ -398,7 +429,8 @@ class Proxy:
             headers.update(call.response_headers)
             return RelayResponse(self._relay(call, context, backend, upstream, relay), headers=headers)
         try:
-            body = await upstream.read()
+            async with asyncio.timeout(self._settings.stream_idle_timeout):
+                body = await upstream.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamFailed(f"Backend '{backend.name}' broke off its answer.") from exc
         finally:
@@ -411,14 +443,18 @@ class Proxy:
     ) -> AsyncIterator[bytes]:
         first_byte: float | None = None
         outcome = "client_disconnected"
+        watch = _IdleWatch(self._settings.stream_idle_timeout, upstream.close)
         try:
             read = upstream.content.readany
             while chunk := await read():
+                watch.last = watch.loop.time()
                 out = relay.feed(chunk)
                 if out:
                     if first_byte is None:
                         first_byte = self._clock()
                     yield out
+            if watch.fired:
+                raise TimeoutError("stream idle")
             tail = relay.finish()
             if tail:
                 yield tail
@@ -429,6 +465,7 @@ class Proxy:
             # a partial frame is dropped; the client is told in the stream, as AOAI reports errors
             yield _STREAM_CUT
         finally:
+            watch.cancel()
             upstream.close()
             usage = relay.usage
             source: UsageSource = "reported"
@@ -439,14 +476,28 @@ class Proxy:
 
     # -- usage ------------------------------------------------------------------------------
 
+    @staticmethod
+    def _prompt_estimate(call: Call, model: str) -> int:
+        """tiktoken's count of the prompt; for bodies too big to tokenize on the loop, bytes / 4."""
+        if len(call.raw) > _TOKENIZE_LIMIT:
+            return len(call.raw) // 4
+        try:
+            return _tokens.prompt_tokens(call.body, call.operation, model)
+        except (OSError, ValueError) as exc:
+            log.warning("prompt estimate failed (%s); using bytes / 4", exc)
+            return len(call.raw) // 4
+
     def _estimate(self, call: Call, model: str, completion: str) -> Usage:
         name = model or call.deployment
-        try:
-            prompt = _tokens.prompt_tokens(call.body, call.operation, name)
-            generated = _tokens.count(completion, name)
-        except (OSError, ValueError) as exc:
-            log.warning("token estimate failed: %s", exc)
-            prompt = generated = 0
+        prompt = self._prompt_estimate(call, name)
+        if len(completion) > _TOKENIZE_LIMIT:
+            generated = len(completion.encode()) // 4
+        else:
+            try:
+                generated = _tokens.count(completion, name)
+            except (OSError, ValueError) as exc:
+                log.warning("completion estimate failed (%s); using bytes / 4", exc)
+                generated = len(completion.encode()) // 4
         return Usage(prompt_tokens=prompt, completion_tokens=generated, total_tokens=prompt + generated)
 
     def _emit(

@@ -137,18 +137,25 @@ class UsagePublisher:
         batch = [self._buffer.popleft() for _ in range(min(self._batch_size, len(self._buffer)))]
         try:
             await self._transport.send([(r.request_id, encode_event(r)) for r in batch])
+        except asyncio.CancelledError:  # shutdown in the middle of a send: close() sends them again
+            self._put_back(batch)
+            raise
         except Exception as exc:  # any transport failure: keep the events and retry later
             self.failed_sends += 1
             log.warning("sending %d usage event(s) failed (%s: %s); will retry", len(batch),
                         type(exc).__name__, str(exc)[:200])
-            room = self._capacity - len(self._buffer)
-            if len(batch) > room:
-                self._dropped(len(batch) - room)
-                batch = batch[len(batch) - room:]
-            self._buffer.extendleft(reversed(batch))
+            self._put_back(batch)
             return False
         self.sent += len(batch)
         return True
+
+    def _put_back(self, batch: list[UsageRecord]) -> None:
+        """Return a batch to the front of the buffer, dropping its oldest if the buffer filled up."""
+        room = self._capacity - len(self._buffer)
+        if len(batch) > room:
+            self._dropped(len(batch) - room)
+            batch = batch[len(batch) - room:]
+        self._buffer.extendleft(reversed(batch))
 
     async def close(self, *, flush_seconds: float = 10.0) -> None:
         """Stop the background task, then try for up to ``flush_seconds`` to send what is left."""

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from azure.core.exceptions import AzureError, ResourceNotFoundError
 from azure.data.tables.aio import TableClient, TableServiceClient
 
-from gateway._exceptions import QuotaExceeded, retry_after_headers
+from gateway._exceptions import BadRequest, QuotaExceeded, retry_after_headers
 from usage._aggregate import as_int
 from usage._keys import KeyRecord, Limits
 from usage._schema import USAGE_TABLE, partition_key, period_start
@@ -125,6 +125,13 @@ class QuotaGuard:
         state = self._keys.setdefault(key.name, _KeyState())
         clock = self._clock()
         state.reservations = [r for r in state.reservations if r.expires is None or r.expires > clock]
+        for window in _WINDOWS:
+            limit = _limit_of(key.limits, window)
+            if limit is not None and estimate > limit:  # no wait would ever let it in
+                raise BadRequest(
+                    f"This request may use about {estimate} tokens (prompt plus max_tokens), more than key "
+                    f"'{key.name}' may use per {window} ({limit}). Lower max_tokens or shorten the prompt.",
+                    code="QuotaTooSmall")
         table = await self._used(key.name, state, now, windows)
         remaining: int | None = None
         blocked: list[str] = []

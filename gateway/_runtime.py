@@ -24,7 +24,7 @@ from gateway._quota import QuotaGuard
 from gateway._records import LoggingSink, TeeSink, UsageSink
 from gateway._settings import Settings, load_settings
 from usage._aggregate import Aggregator
-from usage._config import read_environment
+from usage._config import STORAGE_SETTING, SettingsError, read_environment
 from usage._keys import KeyStore
 from usage._tables import open_table_service
 
@@ -65,42 +65,62 @@ class GatewayRuntime:
                 return self._proxy
             if settings is None:
                 settings = load_settings(read_environment() if env is None else env)
-            session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True),
-                auto_decompress=False,
-            )
-            self._closers.append(session.close)
-            if credential is None and settings.needs_credential:
-                default = DefaultAzureCredential()
-                self._closers.append(default.close)
-                credential = default
-            tables = open_table_service(settings.storage, credential=credential, session=session)
-            self._closers.append(tables.close)
-            store = KeyStore(tables, secret=settings.key_hash_secret)
-            self.publisher = UsagePublisher(self._transport(settings, tables, credential),
-                                            capacity=settings.usage_buffer_size)
-            self.publisher.start()
-            self._closers.append(self.publisher.close)
-            sinks: list[UsageSink] = [LoggingSink(), self.publisher]
-            if sink is not None:
-                sinks.append(sink)
-            self._proxy = Proxy(
-                settings,
-                session=session,
-                keys=KeyCache(store, ttl=settings.key_cache_seconds, clock=clock,
-                              secret=settings.key_hash_secret),
-                pool=BackendPool(settings.backends, clock=clock, random=random),
-                tokens=None if credential is None else TokenProvider(credential, wall_clock=wall_clock),
-                quota=QuotaGuard(tables, cache_seconds=settings.quota_cache_seconds,
-                                 settle_seconds=settings.quota_settle_seconds, clock=clock, wall_clock=wall_clock),
-                sink=TeeSink(*sinks),
-                clock=clock,
-                wall_clock=wall_clock,
-            )
+            try:
+                self._proxy = self._build(settings, clock=clock, wall_clock=wall_clock, random=random,
+                                          sink=sink, credential=credential)
+            except BaseException:
+                await self._release()  # nothing half-built stays open
+                raise
             self._warming = asyncio.get_running_loop().run_in_executor(None, _tokens.warm)
             log.info("gateway started with %d backend(s): %s", len(settings.backends),
                      ", ".join(b.name for b in settings.backends))
             return self._proxy
+
+    def _build(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], float],
+        wall_clock: Callable[[], float],
+        random: Callable[[], float],
+        sink: UsageSink | None,
+        credential: AsyncTokenCredential | None,
+    ) -> Proxy:
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True),
+            auto_decompress=False,
+        )
+        self._closers.append(session.close)
+        if credential is None and settings.needs_credential:
+            default = DefaultAzureCredential()
+            self._closers.append(default.close)
+            credential = default
+        try:
+            tables = open_table_service(settings.storage, credential=credential, session=session)
+        except ValueError as exc:  # the SDK's word for a connection string it cannot use
+            raise SettingsError(STORAGE_SETTING, "is not a usable storage connection string") from exc
+        self._closers.append(tables.close)
+        store = KeyStore(tables, secret=settings.key_hash_secret)
+        self.publisher = UsagePublisher(self._transport(settings, tables, credential),
+                                        capacity=settings.usage_buffer_size)
+        self.publisher.start()
+        self._closers.append(self.publisher.close)
+        sinks: list[UsageSink] = [LoggingSink(), self.publisher]
+        if sink is not None:
+            sinks.append(sink)
+        return Proxy(
+            settings,
+            session=session,
+            keys=KeyCache(store, ttl=settings.key_cache_seconds, clock=clock,
+                          secret=settings.key_hash_secret),
+            pool=BackendPool(settings.backends, clock=clock, random=random),
+            tokens=None if credential is None else TokenProvider(credential, wall_clock=wall_clock),
+            quota=QuotaGuard(tables, cache_seconds=settings.quota_cache_seconds,
+                             settle_seconds=settings.quota_settle_seconds, clock=clock, wall_clock=wall_clock),
+            sink=TeeSink(*sinks),
+            clock=clock,
+            wall_clock=wall_clock,
+        )
 
     @staticmethod
     def _transport(
@@ -111,11 +131,21 @@ class GatewayRuntime:
             log.info("no Service Bus configured: usage events go straight to the aggregator in this process")
             return InProcessTransport(Aggregator(tables))
         if config.connection_string is not None:
-            client = ServiceBusClient.from_connection_string(config.connection_string)
+            try:
+                client = ServiceBusClient.from_connection_string(config.connection_string)
+            except ValueError as exc:
+                raise SettingsError("ServiceBusConnection", "is not a usable Service Bus connection string") from exc
         else:
             assert config.fully_qualified_namespace is not None and credential is not None
             client = ServiceBusClient(config.fully_qualified_namespace, credential)
         return ServiceBusTransport(client, config.queue)
+
+    async def _release(self) -> None:
+        closers, self._closers = self._closers[::-1], []
+        for close in closers:
+            result = close()
+            if asyncio.iscoroutine(result):
+                await result
 
     async def proxy(self) -> Proxy:
         """The running proxy, started from the environment on first use."""
@@ -126,11 +156,7 @@ class GatewayRuntime:
             return
         async with self._lock:
             self._proxy = None
-            closers, self._closers = self._closers[::-1], []
-            for close in closers:
-                result = close()
-                if asyncio.iscoroutine(result):
-                    await result
+            await self._release()
             if self._warming is not None:
                 await self._warming
                 self._warming = None

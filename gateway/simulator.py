@@ -166,6 +166,8 @@ class SimulatedRegion:
             if version and version[:10] < self.stream_options_since:
                 return self._error(400, "BadRequest", "Unrecognized request argument supplied: stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        if not stream and self.first_chunk_delay:  # a whole answer is sent when it is all generated
+            await asyncio.sleep(self.first_chunk_delay)
         if operation == "embeddings":
             return self._embeddings(body)
         if stream:

@@ -115,3 +115,17 @@ def test_no_key_is_forwarded_logged_or_leaked(gateway: Gateway) -> None:
     assert "usage {" in log  # the usage records were logged, and the logs were really captured
     for secret in secrets:
         assert secret not in log
+
+
+def test_hostile_bodies_get_400_not_500(gateway: Gateway) -> None:
+    """JSON nested past the parser's depth, and lone surrogates, are client errors, not crashes."""
+    deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    response = http("POST", gateway.url + CHAT, headers={"api-key": gateway.key, "content-type": "application/json"},
+                    body=deep)
+    assert response.status == 400 and response.json()["error"]["code"] == "InvalidRequestBody"
+    surrogate = (b'{"messages": [{"role": "user", "content": "\\ud800"}], "stream": true, '
+                 b'"stream_options": {"include_usage": false}}')
+    response = http("POST", gateway.url + CHAT, headers={"api-key": gateway.key, "content-type": "application/json"},
+                    body=surrogate)
+    assert response.status == 200  # re-serialised with the gateway's stream_options, escapes intact
+    assert gateway.eastus.received[-1].body["messages"][0]["content"] == "\ud800"

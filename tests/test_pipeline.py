@@ -83,10 +83,15 @@ def test_key_over_its_quota_gets_rate_limit_error(gateway: Gateway) -> None:
 
 
 def test_max_tokens_is_reserved_at_admission(gateway: Gateway) -> None:
-    """A request whose max_tokens cannot fit in the quota is refused before reaching a backend."""
+    """max_tokens counts at admission: what cannot fit now is 429, what can never fit is 400."""
     key = gateway.create_key(f"team-{uuid.uuid4().hex[:8]}", Limits(tokens_per_minute=500))
     client = openai.AzureOpenAI(azure_endpoint=gateway.url, api_key=key, api_version="2024-10-21", max_retries=0)
-    with pytest.raises(openai.RateLimitError):
-        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=1000)
     assert client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=100).choices
-    assert len(gateway.eastus.received) == 1
+    used = gateway.sink.wait(1)[0].total_tokens
+    with pytest.raises(openai.RateLimitError):  # what it used plus this reservation passes 500
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=500 - used)
+    assert client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=400 - used).choices
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=1000)
+    assert caught.value.response.json()["error"]["code"] == "QuotaTooSmall"
+    assert len(gateway.eastus.received) == 2

@@ -83,3 +83,28 @@ async def test_close_gives_up_after_its_flush_time() -> None:
     publisher.emit(record(1))
     await asyncio.wait_for(publisher.close(flush_seconds=0.1), timeout=5)
     assert transport.closed and publisher.pending == 1
+
+
+async def test_close_during_a_send_loses_nothing() -> None:
+    """Shutting down while a batch is on its way puts it back and sends it in the final flush."""
+
+    class SlowOnce(FlakyTransport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.down = False
+            self.started = asyncio.Event()
+
+        async def send(self, events: Sequence[tuple[str, bytes]]) -> None:
+            if self.attempts == 0:
+                self.attempts += 1
+                self.started.set()
+                await asyncio.sleep(3600)  # the first send hangs until it is cancelled
+            await super().send(events)
+
+    transport = SlowOnce()
+    publisher = UsagePublisher(transport, linger=0)
+    publisher.start()
+    publisher.emit(record(1))
+    await asyncio.wait_for(transport.started.wait(), 5)
+    await asyncio.wait_for(publisher.close(flush_seconds=2), 5)
+    assert [event_id for event_id, _ in transport.delivered] == ["req-00000001"]

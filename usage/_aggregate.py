@@ -1,9 +1,9 @@
 """Aggregating usage events into Table Storage, each event counted exactly once.
 
-Per partition (one key's month) and batch: one query reads the ledger rows of the batch's
-minutes and the counter rows it will touch; events already in a ledger are dropped; then ONE
-entity-group transaction updates the counters (``If-Match`` on their ETags, or creates them) and
-inserts a ledger row listing the new events' ids. Atomicity makes the ids and the counts land
+Per partition (one key's month) and batch: a query reads the counter rows it will touch, then a
+second reads the ledger rows of the batch's minutes; events already in a ledger are dropped; then
+ONE entity-group transaction updates the counters (``If-Match`` on their ETags, or creates them)
+and inserts a ledger row listing the new events' ids. Atomicity makes the ids and the counts land
 together; the ETags make two aggregators that race over the same events conflict, and the loser
 starts again from the read, where it finds the winner's ledger. So a redelivered or re-raced
 event changes nothing.
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 MAX_OPERATIONS = 100  # Table Storage's limit per entity-group transaction
 IDS_PER_LEDGER_ROW = 900  # 33 characters each: well under a string property's 64 KiB
-_ROWS_PER_QUERY = 12  # a filter may hold 15 comparisons: PartitionKey, the ledger range, 12 rows
+_ROWS_PER_QUERY = 14  # a filter may hold 15 comparisons: PartitionKey and 14 rows
 _CONFLICTS = {"UpdateConditionNotSatisfied", "EntityAlreadyExists", "ConditionNotMet"}
 
 
@@ -168,25 +168,29 @@ class Aggregator:
                     await self._sleep(min(0.2, 0.005 * 2 ** min(attempt, 6)) * (0.5 + self._random()))
         raise AggregationConflict(f"partition {pk} still conflicted after {self._max_attempts} attempts")
 
+    async def _query(self, pk: str, terms: list[str], parameters: dict[str, Any]) -> list[TableEntity]:
+        self.table_requests += 1
+        # the SDK substitutes @names only when spaces surround them, hence "( ... )"
+        found = self._usage.query_entities(
+            f"PartitionKey eq @pk and ( {' or '.join(terms)} )", parameters={"pk": pk, **parameters})
+        return [entity async for entity in found]
+
     async def _read(self, pk: str, events: list[UsageEvent], rows: list[str]) -> list[TableEntity]:
+        """The counter rows, THEN the ledger rows of the events' minutes.
+
+        The order is what makes the ETags sufficient: an aggregator that commits the same events
+        after our ledger read committed after our counter reads too, so our counter ETags are stale
+        and our transaction fails. (Read together, a commit could fall between the two.)
+        """
+        chunks = [rows[i:i + _ROWS_PER_QUERY] for i in range(0, len(rows), _ROWS_PER_QUERY)]
+        pages = await asyncio.gather(*(
+            self._query(pk, [f"RowKey eq @r{i}" for i in range(len(chunk))],
+                        {f"r{i}": row for i, row in enumerate(chunk)})
+            for chunk in chunks))
         minutes = sorted(period_start("minute", e.time) for e in events)
-        ledger_from, ledger_to = f"ledger|{minutes[0]}|", f"ledger|{minutes[-1]}|~"
-        chunks = [rows[i:i + _ROWS_PER_QUERY] for i in range(0, len(rows), _ROWS_PER_QUERY)] or [[]]
-
-        async def query(index: int, chunk: list[str]) -> list[TableEntity]:
-            parameters: dict[str, Any] = {"pk": pk}
-            terms = [f"RowKey eq @r{i}" for i in range(len(chunk))]
-            parameters.update({f"r{i}": row for i, row in enumerate(chunk)})
-            if index == 0:
-                terms.insert(0, "( RowKey ge @lf and RowKey lt @lt )")  # the SDK needs spaces around @names
-                parameters.update(lf=ledger_from, lt=ledger_to)
-            self.table_requests += 1
-            found = self._usage.query_entities(
-                f"PartitionKey eq @pk and ( {' or '.join(terms)} )", parameters=parameters)
-            return [entity async for entity in found]
-
-        pages = await asyncio.gather(*(query(i, c) for i, c in enumerate(chunks)))
-        return [entity for page in pages for entity in page]
+        ledgers = await self._query(pk, ["( RowKey ge @lf and RowKey lt @lt )"],
+                                    {"lf": f"ledger|{minutes[0]}|", "lt": f"ledger|{minutes[-1]}|~"})
+        return [entity for page in pages for entity in page] + ledgers
 
     async def _apply(self, pk: str, events: list[UsageEvent]) -> tuple[int, int, int]:
         rows = sorted({counter_row(p, e.time, e.deployment) for e in events for p in PERIODS})
