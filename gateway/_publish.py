@@ -80,7 +80,7 @@ class UsagePublisher:
         *,
         capacity: int = 10_000,
         batch_size: int = 200,
-        linger: float = 0.2,
+        linger: float = 1.0,
         initial_backoff: float = 0.5,
         max_backoff: float = 30.0,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
