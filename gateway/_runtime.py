@@ -101,8 +101,12 @@ class GatewayRuntime:
             raise SettingsError(STORAGE_SETTING, "is not a usable storage connection string") from exc
         self._closers.append(tables.close)
         store = KeyStore(tables, secret=settings.key_hash_secret)
+        # a Service Bus send costs milliseconds of CPU whatever its size: gather a second's events
+        # first. In process (the local run) events are counted at once, so a report right after a
+        # request already shows it.
         self.publisher = UsagePublisher(self._transport(settings, tables, credential),
-                                        capacity=settings.usage_buffer_size)
+                                        capacity=settings.usage_buffer_size,
+                                        linger=0.0 if settings.service_bus is None else 1.0)
         self.publisher.start()
         self._closers.append(self.publisher.close)
         sinks: list[UsageSink] = [LoggingSink(), self.publisher]
