@@ -214,7 +214,7 @@ class Proxy:
         deployment = "" if v1 else request.path_params.get("deployment", "")
         if not v1 and not is_deployment_name(deployment):
             raise BadRequest(
-                "The deployment name may only contain letters, digits, '.', '_' and '-'.",
+                "The deployment name must be 1 to 64 letters, digits, '.', '_' or '-'.",
                 code="InvalidDeploymentName",
             )
         raw = await self._read_body(request)
@@ -231,7 +231,7 @@ class Proxy:
                                  code="MissingModel")
             if not is_deployment_name(model):
                 raise BadRequest(
-                    "The model (deployment) name may only contain letters, digits, '.', '_' and '-'.",
+                    "The model (deployment) name must be 1 to 64 letters, digits, '.', '_' or '-'.",
                     code="InvalidDeploymentName",
                 )
             deployment = model

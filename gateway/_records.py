@@ -98,4 +98,4 @@ class LoggingSink:
     """Writes each record as one JSON log line (the local run's sink until Service Bus is wired)."""
 
     def emit(self, record: UsageRecord) -> None:
-        log.info("usage %s", json.dumps(record.to_dict(), separators=(",", ":")))
+        log.info("usage %s", encode_event(record).decode())

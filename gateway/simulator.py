@@ -247,7 +247,10 @@ class SimulatedRegion:
                     return response
                 await response.write(frame)
             await response.write_eof()
-        except (ConnectionError, asyncio.CancelledError):
+        except ConnectionError:  # the client went away: expected, not an error of the region's
+            self.streams_abandoned += 1
+            return response
+        except asyncio.CancelledError:
             self.streams_abandoned += 1
             raise
         self.streams_finished += 1

@@ -64,15 +64,15 @@ key=$("$PY" -m usage keys create --name demo --json | "$PY" -c "import json,sys;
 
 cat <<MSG
 
-Gateway: http://127.0.0.1:$PORT    demo key (team "demo"): $key
+Gateway: http://127.0.0.1:$PORT    demo key (team "demo", a new one each run): $key
 
-Paste into Python (pip install openai):
+Paste into .venv/bin/python (or any Python with the openai package):
 
-    from openai import AzureOpenAI
-    client = AzureOpenAI(azure_endpoint="http://127.0.0.1:$PORT", api_key="$key", api_version="2024-10-21")
-    for chunk in client.chat.completions.create(model="gpt-4o", stream=True,
-                                                messages=[{"role": "user", "content": "Hello"}]):
-        print(chunk.choices[0].delta.content or "" if chunk.choices else "", end="", flush=True)
+from openai import AzureOpenAI
+client = AzureOpenAI(azure_endpoint="http://127.0.0.1:$PORT", api_key="$key", api_version="2024-10-21")
+for chunk in client.chat.completions.create(model="gpt-4o", stream=True,
+                                            messages=[{"role": "user", "content": "Hello"}]):
+    print(chunk.choices[0].delta.content or "" if chunk.choices else "", end="", flush=True)
 
 Usage records are logged below. Ctrl-C stops the gateway, the regions and Azurite.
 
