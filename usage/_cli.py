@@ -37,6 +37,13 @@ def _limit(value: str) -> int | None:
     return number
 
 
+def _day(value: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a date like 2026-11-29") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m usage", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -59,9 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--key", help="only this key (team)")
     report.add_argument("--deployment", help="only this deployment")
     today = datetime.now(UTC).date()
-    report.add_argument("--since", type=date.fromisoformat, default=today.replace(day=1), metavar="YYYY-MM-DD",
+    report.add_argument("--since", type=_day, default=today.replace(day=1), metavar="YYYY-MM-DD",
                         help="first day (UTC, default: the 1st of this month)")
-    report.add_argument("--until", type=date.fromisoformat, default=today, metavar="YYYY-MM-DD",
+    report.add_argument("--until", type=_day, default=today, metavar="YYYY-MM-DD",
                         help="last day, included (UTC, default: today)")
     report.add_argument("--by", choices=GROUPS, default="key")
     report.add_argument("--format", choices=("table", "csv", "json", "chart"), default="table",
