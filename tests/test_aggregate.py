@@ -138,3 +138,13 @@ async def test_trigger_function_counts_a_functions_batch(storage: str, service: 
         await runtime.close()
     assert (first.counted, again.counted, again.duplicates) == (10, 0, 4)
     assert await counters(service, key, "month|2026-11|gpt-4o") == expected(bodies)
+
+
+async def test_reject_with_a_message_id_table_storage_refuses_as_row_key(service: Any) -> None:
+    """A bad message whose id has '/' or '#' is still kept, under a new row key, with its id."""
+    odd = f"odd/{uuid.uuid4().hex}#1"
+    result = await Aggregator(service).aggregate([b"nope"], message_ids=[odd])
+    assert result.rejected == 1
+    rejects = service.get_table_client(REJECTS_TABLE)
+    found = [e async for e in rejects.query_entities("MessageId eq @m", parameters={"m": odd})]
+    assert len(found) == 1 and found[0]["Body"] == "nope"

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import random as _random
+import re
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 MAX_OPERATIONS = 100  # Table Storage's limit per entity-group transaction
 IDS_PER_LEDGER_ROW = 900  # 33 characters each: well under a string property's 64 KiB
 _ROWS_PER_QUERY = 14  # a filter may hold 15 comparisons: PartitionKey and 14 rows
+_ROW_KEY = re.compile(r"[^/\\#?\x00-\x1f\x7f-\x9f]{1,512}")  # what Table Storage takes as a RowKey
 _CONFLICTS = {"UpdateConditionNotSatisfied", "EntityAlreadyExists", "ConditionNotMet"}
 
 
@@ -153,8 +155,9 @@ class Aggregator:
         now = datetime.now(UTC)
         log.warning("usage message %s rejected: %s", message_id or "(no id)", reason)
         self.table_requests += 1
+        usable = message_id is not None and _ROW_KEY.fullmatch(message_id) is not None
         await self._rejects.upsert_entity({
-            "PartitionKey": f"{now:%Y-%m-%d}", "RowKey": message_id or uuid.uuid4().hex,
+            "PartitionKey": f"{now:%Y-%m-%d}", "RowKey": message_id if usable else uuid.uuid4().hex,
             "Reason": reason[:1000], "Body": text[:30000], "MessageId": message_id or "", "RejectedAt": now,
         })
 
