@@ -16,7 +16,7 @@ from azure.data.tables.aio import TableServiceClient
 from azure.identity.aio import DefaultAzureCredential
 
 from usage._config import SettingsError, load_storage_config, read_environment
-from usage._keys import KeyError_, KeyRecord, KeyStore, Limits
+from usage._keys import KeyRecord, KeyStore, KeyStoreError, Limits
 from usage._report import GROUPS, group, read_days, render
 from usage._tables import open_table_service
 
@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO = sys.stdout) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyError_ as exc:
+    except KeyStoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except AzureError as exc:

@@ -39,7 +39,7 @@ KEY_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _DEFAULT_SECRET = b"aoai-gateway/subscription-key/v1"
 
 
-class KeyError_(Exception):
+class KeyStoreError(Exception):
     """A key operation the caller asked for cannot be done (unknown name, name taken)."""
 
 
@@ -126,7 +126,7 @@ class KeyStore:
     async def create(self, name: str, *, limits: Limits = Limits()) -> str:
         """A new key for ``name`` (returned once, never stored in clear); replaces a revoked one."""
         if not KEY_NAME.fullmatch(name):
-            raise KeyError_(f"key name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+            raise KeyStoreError(f"key name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
         await self.ensure_table()
         key = new_key()
         digest = hash_key(key, self._secret)
@@ -144,7 +144,7 @@ class KeyStore:
                                name)
             return key
         if existing.get("Enabled"):
-            raise KeyError_(f"key {name!r} exists and is enabled; revoke it first")
+            raise KeyStoreError(f"key {name!r} exists and is enabled; revoke it first")
         await self._submit([_replace(name_row, existing), (TransactionOperation.CREATE, hash_row)], name)
         return key
 
@@ -152,14 +152,14 @@ class KeyStore:
         try:
             await self._table.submit_transaction(operations)
         except TableTransactionError as exc:
-            raise KeyError_(f"key {name!r} was changed by someone else at the same time; try again") from exc
+            raise KeyStoreError(f"key {name!r} was changed by someone else at the same time; try again") from exc
 
     async def _rows(self, name: str) -> tuple[TableEntity, TableEntity]:
         try:
             name_row = await self._table.get_entity(PARTITION, "name-" + name)
             hash_row = await self._table.get_entity(PARTITION, "hash-" + str(name_row["Hash"]))
         except ResourceNotFoundError:
-            raise KeyError_(f"no key named {name!r}") from None
+            raise KeyStoreError(f"no key named {name!r}") from None
         return name_row, hash_row
 
     async def list(self) -> list[KeyRecord]:
