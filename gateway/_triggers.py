@@ -71,6 +71,10 @@ class TriggerRunner:
 
     def start(self) -> None:
         for trigger in self._triggers:
+            disabled = f"AzureWebJobs.{trigger.name}.Disabled"
+            if self._env.get(disabled, "").strip().lower() in ("true", "1"):
+                log.info("function %s is disabled by %s", trigger.name, disabled)
+                continue
             connection = self._env.get(trigger.connection, "").strip()
             namespace = self._env.get(f"{trigger.connection}__fullyQualifiedNamespace", "").strip()
             if not connection and not namespace:

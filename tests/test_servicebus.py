@@ -82,3 +82,17 @@ def test_gateway_sink_is_off_the_request_path(gateway: Gateway) -> None:
                                 api_version="2024-10-21")
     client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert wait_for_row(gateway, name, 1)["Requests"] == 1
+
+
+def test_disabled_trigger_is_not_run_locally(storage: str, broker: AmqpBroker) -> None:
+    """AzureWebJobs.aggregate_usage.Disabled keeps the local host from consuming the queue, as in Azure."""
+    config = ServiceBusConfig(queue=QUEUE, connection_string=broker.connection_string)
+    env = {"ServiceBusConnection": broker.connection_string, "USAGE_QUEUE_NAME": QUEUE,
+           "AzureWebJobs.aggregate_usage.Disabled": "true"}
+    with running_gateway(storage, service_bus=config, env=env) as gw:
+        client = openai.AzureOpenAI(azure_endpoint=gw.url, api_key=gw.key, api_version="2024-10-21")
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        wait_for(lambda: len(broker.messages(QUEUE)) == 1)
+        time.sleep(1.5)  # a running trigger would have taken it by now (it receives every few ms)
+        assert len(broker.messages(QUEUE)) == 1
+        assert any("disabled by AzureWebJobs.aggregate_usage.Disabled" in line for line in gw.logs.lines)
