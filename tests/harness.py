@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -230,7 +231,7 @@ def running_gateway(
 
     async def create_key() -> str:
         async with open_table_service(storage) as service:
-            return await KeyStore(service, secret=settings.key_hash_secret).create(f"team-{free_port()}")
+            return await KeyStore(service, secret=settings.key_hash_secret).create(f"team-{uuid.uuid4().hex[:12]}")
 
     key = loop.run(create_key())
     clock = FakeClock()
