@@ -18,9 +18,9 @@ from azure.core.exceptions import AzureError, ResourceNotFoundError
 from azure.data.tables.aio import TableClient, TableServiceClient
 
 from gateway._exceptions import BadRequest, QuotaExceeded, retry_after_headers
-from usage._aggregate import as_int
 from usage._keys import KeyRecord, Limits
 from usage._schema import USAGE_TABLE, partition_key, period_start
+from usage._tables import as_int
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from usage import StorageConfig, open_table_service
-from usage._aggregate import Aggregator, as_int
+from usage._aggregate import Aggregator
 from usage._schema import REJECTS_TABLE, USAGE_TABLE
+from usage._tables import as_int
 
 BASE = datetime(2026, 11, 29, 13, 45, 10, tzinfo=UTC)
 

@@ -12,9 +12,9 @@ from azure.core.exceptions import ResourceNotFoundError
 
 from tests.harness import Gateway
 from usage import open_table_service
-from usage._aggregate import as_int
 from usage._keys import Limits
 from usage._schema import USAGE_TABLE
+from usage._tables import as_int
 
 MESSAGES: Any = [{"role": "user", "content": "Say hello"}]
 

@@ -26,8 +26,6 @@ from typing import Any
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError
 from azure.data.tables import (
-    EdmType,
-    EntityProperty,
     TableEntity,
     TableTransactionError,
     TransactionOperation,
@@ -46,6 +44,7 @@ from usage._schema import (
     partition_key,
     period_start,
 )
+from usage._tables import as_int, int64
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +70,6 @@ class BatchResult:
     rejected: int
     transactions: int
     partitions: int
-
-
-def as_int(value: Any) -> int:
-    """A counter's value, whether the SDK returns it plain or as an ``EntityProperty``."""
-    if isinstance(value, EntityProperty):
-        value = value.value
-    return int(value or 0)
-
-
-def _int64(value: int) -> EntityProperty:
-    return EntityProperty(value, EdmType.INT64)
 
 
 def _increments(event: UsageEvent) -> tuple[int, ...]:
@@ -246,7 +234,7 @@ class Aggregator:
                                       "Deployment": deployment, "Period": period, "Start": start}
             before = existing.get(row)
             for name, amount in zip(COUNTERS, amounts, strict=True):
-                entity[name] = _int64(amount + (as_int(before.get(name)) if before is not None else 0))
+                entity[name] = int64(amount + (as_int(before.get(name)) if before is not None else 0))
             if before is None:
                 operations.append((TransactionOperation.CREATE, entity))
             else:

@@ -21,8 +21,6 @@ from typing import Any
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.data.tables import (
-    EdmType,
-    EntityProperty,
     TableEntity,
     TableTransactionError,
     TransactionOperation,
@@ -30,7 +28,7 @@ from azure.data.tables import (
 )
 from azure.data.tables.aio import TableClient, TableServiceClient
 
-from usage._tables import KEYS_TABLE
+from usage._tables import KEYS_TABLE, as_int, int64
 
 PARTITION = "keys"
 KEY_PREFIX = "gw-"
@@ -56,14 +54,14 @@ class Limits:
         return any(v is not None for v in (self.tokens_per_minute, self.tokens_per_day, self.tokens_per_month))
 
     def properties(self) -> dict[str, Any]:
-        """The key rows' properties (an absent limit is written as null, which removes it)."""
+        """The limit columns and their values; ``None`` for a limit that is not set (no column)."""
         return {column: value for column, value in zip(_LIMIT_COLUMNS, (
             self.tokens_per_minute, self.tokens_per_day, self.tokens_per_month), strict=True)}
 
     @classmethod
     def from_entity(cls, entity: Mapping[str, Any]) -> Limits:
         values = [entity.get(column) for column in _LIMIT_COLUMNS]
-        minute, day, month = (None if v is None else int(getattr(v, "value", v)) for v in values)
+        minute, day, month = (None if v is None else as_int(v) for v in values)
         return cls(minute, day, month)
 
 
@@ -99,7 +97,7 @@ def _record(name: str, entity: Mapping[str, Any]) -> KeyRecord:
 def _with_limits(entity: dict[str, Any], limits: Limits) -> dict[str, Any]:
     """``entity`` without limit columns, plus ``limits``' set ones as Int64."""
     kept = {k: v for k, v in entity.items() if k not in _LIMIT_COLUMNS}
-    kept.update({k: EntityProperty(v, EdmType.INT64) for k, v in limits.properties().items() if v is not None})
+    kept.update({k: int64(v) for k, v in limits.properties().items() if v is not None})
     return kept
 
 

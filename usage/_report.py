@@ -13,13 +13,11 @@ from typing import Any
 from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables.aio import TableServiceClient
 
-from usage._aggregate import as_int
-from usage._schema import USAGE_TABLE
+from usage._schema import COUNTERS, USAGE_TABLE
+from usage._tables import as_int
 
 FIELDS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens",
           "estimated_tokens")
-_COLUMNS = ("Requests", "PromptTokens", "CompletionTokens", "TotalTokens", "CachedTokens", "ReasoningTokens",
-            "EstimatedTokens")
 GROUPS = ("key", "deployment", "day", "month")
 
 
@@ -70,7 +68,7 @@ async def read_days(
             async for entity in table.query_entities(query, parameters=parameters):
                 _, day, name = str(entity["RowKey"]).split("|", 2)
                 rows.append(DayUsage(str(entity["PartitionKey"]).split("|", 1)[1], name, date.fromisoformat(day),
-                                     tuple(as_int(entity.get(c)) for c in _COLUMNS)))
+                                     tuple(as_int(entity.get(c)) for c in COUNTERS)))
         except ResourceNotFoundError:
             return []
     return rows

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from azure.core.pipeline.transport import AioHttpTransport
+from azure.data.tables import EdmType, EntityProperty
 from azure.data.tables.aio import TableServiceClient
 
 from usage._config import StorageConfig
@@ -14,6 +15,18 @@ if TYPE_CHECKING:
     from azure.core.credentials_async import AsyncTokenCredential
 
 KEYS_TABLE = "gatewaykeys"
+
+
+def as_int(value: Any) -> int:
+    """A number read from a table, whether the SDK returns it plain or as an ``EntityProperty``."""
+    if isinstance(value, EntityProperty):
+        value = value.value
+    return int(value or 0)
+
+
+def int64(value: int) -> EntityProperty:
+    """``value`` typed Int64, so counters and quotas may pass 2**31 without changing type."""
+    return EntityProperty(value, EdmType.INT64)
 
 
 def open_table_service(
