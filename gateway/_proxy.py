@@ -98,7 +98,6 @@ class _Failure:
     backend: str
     status: int = 0
     body: bytes = b""
-    headers: list[tuple[str, str]] = field(default_factory=list)
     timed_out: bool = False
 
 
@@ -365,7 +364,7 @@ class Proxy:
             body = b""
         finally:
             upstream.release()
-        return _Failure(backend.name, status=upstream.status, body=body, headers=list(upstream.headers.items()))
+        return _Failure(backend.name, status=upstream.status, body=body)
 
     def _exhausted(self, call: Call, failure: _Failure | None) -> RequestError:
         wait, throttled = self._pool.recovery(call.deployment)
