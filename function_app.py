@@ -5,11 +5,22 @@ reach the client chunk by chunk; ``host.json`` sets ``routePrefix`` to "" so pat
 Nothing here does I/O at import: the runtime builds its clients on first use, in the worker's loop.
 """
 
+import logging
+import typing
+
 import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, StreamingResponse
 
 from gateway import GatewayRuntime, not_routed, proxy_request
 from usage import AggregatorRuntime, aggregate_messages
+
+# The worker forwards every log record to the host; the Azure SDKs log each storage, Service Bus and
+# token call at INFO, which would cost every request.
+# token call at INFO, which would cost every request; the runtime's HTTP server (uvicorn) would write an
+# access line per request (the host and Application Insights already record requests).
+for _sdk in ("azure.core", "azure.identity", "azure.data.tables", "azure.servicebus", "azure.monitor"):
+    logging.getLogger(_sdk).setLevel(logging.WARNING)
+logging.getLogger("uvicorn.access").addFilter(lambda _record: False)  # a filter survives uvicorn's dictConfig
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
 runtime = GatewayRuntime()
@@ -46,7 +57,8 @@ async def not_found(req: Request) -> StreamingResponse:
     return await not_routed(req)
 
 
+# The worker accepts typing.List here and refuses the builtin list[...] (FunctionLoadError).
 @app.service_bus_queue_trigger(arg_name="messages", queue_name="%USAGE_QUEUE_NAME%",
                                connection="ServiceBusConnection", cardinality="many")
-async def aggregate_usage(messages: list[func.ServiceBusMessage]) -> None:
+async def aggregate_usage(messages: typing.List[func.ServiceBusMessage]) -> None:  # noqa: UP006
     await aggregate_messages(aggregator, messages)

@@ -25,7 +25,7 @@ import aiohttp
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
-from tests.amqp_broker import AmqpBroker  # noqa: E402
+from devkit.amqp_broker import AmqpBroker  # noqa: E402
 from tests.harness import azurite, free_port, wait_for_port  # noqa: E402
 from usage import KeyStore, StorageConfig, open_table_service  # noqa: E402
 
@@ -126,7 +126,7 @@ def main() -> None:
                    {"name": "slow", "endpoint": slow, "api_key": "k", "deployments": ["slow"]}])}
         if args.usage == "servicebus":
             env["ServiceBusConnection"] = broker.connection_string
-        region = [python, "-m", "gateway.simulator", "--api-key", "k", "--chunks", str(args.chunks)]
+        region = [python, "-m", "devkit.simulator", "--api-key", "k", "--chunks", str(args.chunks)]
         with process([*region, "--port", str(fast_port), "--chunk-delay-ms", str(args.chunk_delay_ms)], fast_port), \
              process([*region, "--port", str(slow_port), "--chunk-delay-ms", "200"], slow_port), \
              process([python, "bench/bare_relay.py", str(bare_port), fast, "k"], bare_port) as bare, \

@@ -95,7 +95,9 @@ class TeeSink:
 
 
 class LoggingSink:
-    """Writes each record as one JSON log line (the local run's sink until Service Bus is wired)."""
+    """Writes each record as one JSON log line at DEBUG (``--log-level debug`` shows them): under the Functions
+    worker every log record is forwarded to the host, which a per-request line would cost each request."""
 
     def emit(self, record: UsageRecord) -> None:
-        log.info("usage %s", encode_event(record).decode())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("usage %s", encode_event(record).decode())

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random as _random
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import aiohttp
 from azure.core.credentials_async import AsyncTokenCredential
@@ -24,7 +26,7 @@ from gateway._quota import QuotaGuard
 from gateway._records import LoggingSink, TeeSink, UsageSink
 from gateway._settings import Settings, load_settings
 from usage._aggregate import Aggregator
-from usage._config import STORAGE_SETTING, SettingsError, read_environment
+from usage._config import STORAGE_SETTING, SettingsError
 from usage._keys import KeyStore
 from usage._tables import open_table_service
 
@@ -45,7 +47,26 @@ class GatewayRuntime:
         self._closers: list[Callable[[], object]] = []
         self._lock: asyncio.Lock | None = None  # made in the loop that first starts the runtime
         self._warming: asyncio.Future[None] | None = None
+        self._injected: dict[str, Any] = {}
         self.publisher: UsagePublisher | None = None
+
+    def configure(
+        self,
+        *,
+        clock: Callable[[], float] | None = None,
+        wall_clock: Callable[[], float] | None = None,
+        random: Callable[[], float] | None = None,
+        sink: UsageSink | None = None,
+        credential: AsyncTokenCredential | None = None,
+    ) -> None:
+        """Set what the lazy start (``proxy()``) injects instead of the real clock, randomness and credential.
+
+        For a process that hosts the app, such as a test's worker; must come before the first start.
+        """
+        if self._proxy is not None:
+            raise RuntimeError("configure() must come before the gateway starts")
+        given = {"clock": clock, "wall_clock": wall_clock, "random": random, "sink": sink, "credential": credential}
+        self._injected = {name: value for name, value in given.items() if value is not None}
 
     async def start(
         self,
@@ -64,7 +85,7 @@ class GatewayRuntime:
             if self._proxy is not None:
                 return self._proxy
             if settings is None:
-                settings = load_settings(read_environment() if env is None else env)
+                settings = load_settings(os.environ if env is None else env)
             try:
                 self._proxy = self._build(settings, clock=clock, wall_clock=wall_clock, random=random,
                                           sink=sink, credential=credential)
@@ -152,8 +173,8 @@ class GatewayRuntime:
                 await result
 
     async def proxy(self) -> Proxy:
-        """The running proxy, started from the environment on first use."""
-        return self._proxy if self._proxy is not None else await self.start()
+        """The running proxy, started from the environment (the app settings) on first use."""
+        return self._proxy if self._proxy is not None else await self.start(**self._injected)
 
     async def close(self) -> None:
         if self._lock is None:

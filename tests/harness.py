@@ -9,6 +9,8 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -16,16 +18,18 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import uvicorn
 
-import function_app
-from gateway import BackendConfig, LoggingSink, Settings, UsageRecord
-from gateway._host import LocalHost
-from gateway.simulator import SimulatedRegion
+from devkit._config import HostJson
+from devkit._host import WORKER_COMMAND, FunctionsHost
+from devkit._http import JsonErrorHttpProtocol
+from devkit.simulator import SimulatedRegion
+from gateway import BackendConfig, Settings
+from tests.fakes import RecordedUsage, SharedClock
 from usage import KeyStore, StorageConfig, open_table_service
 from usage._keys import Limits
 
@@ -132,23 +136,6 @@ def http(method: str, url: str, *, headers: dict[str, str] | None = None, body: 
         return RawResponse(error.code, {k.lower(): v for k, v in error.headers.items()}, error.read())
 
 
-@dataclass
-class RecordingSink:
-    records: list[UsageRecord] = field(default_factory=list)
-
-    def emit(self, record: UsageRecord) -> None:
-        self.records.append(record)
-        LoggingSink().emit(record)  # and log it as the local run does, so log checks see it
-
-    def wait(self, count: int = 1, timeout: float = 10.0) -> list[UsageRecord]:
-        """The records once ``count`` have arrived (a stream's record lands as it closes)."""
-        deadline = time.monotonic() + timeout
-        while len(self.records) < count and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(self.records) >= count, f"expected {count} usage record(s), got {self.records}"
-        return self.records
-
-
 CLIENT_LOGGERS = ("openai", "httpx", "httpcore")
 
 
@@ -164,16 +151,18 @@ class CapturedLogs(logging.Handler):
 
 @dataclass
 class Gateway:
-    """A running local host serving function_app.py, with its regions and a valid key."""
+    """The local host serving function_app.py through the real runtime in a worker process, with its
+    simulated regions, a valid key, the worker's shared clock and the usage it recorded."""
 
     url: str
     key: str
-    clock: FakeClock
-    sink: RecordingSink
+    clock: SharedClock
+    sink: RecordedUsage
     regions: list[SimulatedRegion]
     loop: LoopThread
     settings: Settings
     logs: CapturedLogs
+    host: FunctionsHost
 
     def create_key(self, name: str, limits: Limits | None = None) -> str:
         """A new subscription key (with quotas) in the gateway's key table."""
@@ -198,18 +187,93 @@ def backend_key(region: SimulatedRegion) -> str:
     return f"backend-secret-{region.name}"
 
 
+def _backend_json(backend: BackendConfig) -> dict[str, Any]:
+    document: dict[str, Any] = {"name": backend.name, "endpoint": backend.endpoint, "priority": backend.priority,
+                                "weight": backend.weight}
+    if backend.api_key is not None:
+        document["api_key"] = backend.api_key
+    if backend.deployments is not None:
+        document["deployments"] = dict(backend.deployments)
+    return document
+
+
+def _seconds(value: float) -> str:
+    return repr(float(value))
+
+
+#: how each ``Settings`` field is written as an app setting (the inverse of ``load_settings``)
+SETTING_WRITERS: dict[str, Callable[[Any], dict[str, str]]] = {
+    "backends": lambda v: {"AOAI_BACKENDS": json.dumps([_backend_json(b) for b in v])},
+    "storage": lambda v: ({"UsageStorage": v.connection_string} if v.connection_string is not None
+                          else {"UsageStorage__tableServiceUri": v.table_service_uri}),
+    "key_hash_secret": lambda v: {"KEY_HASH_SECRET": v.decode()},
+    "key_cache_seconds": lambda v: {"KEY_CACHE_SECONDS": _seconds(v)},
+    "connect_timeout": lambda v: {"CONNECT_TIMEOUT_SECONDS": _seconds(v)},
+    "response_timeout": lambda v: {"RESPONSE_TIMEOUT_SECONDS": _seconds(v)},
+    "stream_idle_timeout": lambda v: {"STREAM_IDLE_TIMEOUT_SECONDS": _seconds(v)},
+    "request_deadline": lambda v: {"REQUEST_DEADLINE_SECONDS": _seconds(v)},
+    "max_attempts": lambda v: {"MAX_ATTEMPTS": str(v)},
+    "default_cooldown": lambda v: {"DEFAULT_COOLDOWN_SECONDS": _seconds(v)},
+    "failure_cooldown": lambda v: {"FAILURE_COOLDOWN_SECONDS": _seconds(v)},
+    "max_request_bytes": lambda v: {"MAX_REQUEST_BYTES": str(v)},
+    "service_bus": lambda v: {} if v is None else {
+        "USAGE_QUEUE_NAME": v.queue,
+        **({"ServiceBusConnection": v.connection_string} if v.connection_string is not None
+           else {"ServiceBusConnection__fullyQualifiedNamespace": v.fully_qualified_namespace})},
+    "usage_buffer_size": lambda v: {"USAGE_BUFFER_SIZE": str(v)},
+    "quota_cache_seconds": lambda v: {"QUOTA_CACHE_SECONDS": _seconds(v)},
+    "quota_settle_seconds": lambda v: {"QUOTA_SETTLE_SECONDS": _seconds(v)},
+}
+_UNWRITTEN = {f.name for f in fields(Settings)} - set(SETTING_WRITERS)
+assert not _UNWRITTEN, f"tests/harness.py cannot write these Settings fields as app settings: {_UNWRITTEN}"
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``settings`` as the app settings that ``load_settings`` reads back into the same object."""
+    env: dict[str, str] = {}
+    for name, write in SETTING_WRITERS.items():
+        env.update(write(getattr(settings, name)))
+    return env
+
+
+#: settings of the developer's shell that must not leak into a test's worker
+_HOST_ONLY = ("AzureWebJobs", "ServiceBusConnection", "UsageStorage", "USAGE_", "AOAI_", "KEY_", "QUOTA_")
+
+
+@contextmanager
+def running_host(loop: LoopThread, app_dir: Path, app_settings: dict[str, str], *,
+                 worker_command: tuple[str, ...] | None = None) -> Iterator[tuple[str, FunctionsHost]]:
+    """The local Functions host serving ``app_dir`` (its worker a process of its own); yields its URL."""
+    host = FunctionsHost(app_dir, app_settings, host_json=HostJson.read(app_dir), shutdown_grace=10.0,
+                         worker_command=worker_command or WORKER_COMMAND)
+    loop.run(host.start(), timeout=90)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(host.http_app(), host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="off", access_log=False, http=JsonErrorHttpProtocol,
+                                           server_header=False, date_header=False))
+    serving = asyncio.run_coroutine_threadsafe(server.serve(), loop.loop)
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}", host
+    finally:
+        server.should_exit = True
+        serving.result(15)
+        loop.run(host.stop(), timeout=30)
+
+
 @contextmanager
 def running_gateway(
     connection_string: str,
     *,
     backends: Callable[[tuple[BackendConfig, ...]], tuple[BackendConfig, ...]] | None = None,
     env: dict[str, str] | None = None,
-    credential: Any = None,
+    entra: bool = False,
     **overrides: Any,
 ) -> Iterator[Gateway]:
     """Two simulated regions (same priority, eastus chosen first), the gateway, and a fresh key.
 
-    ``backends`` rewrites the two regions' backend list; ``overrides`` replace settings fields.
+    ``backends`` rewrites the two regions' backend list; ``overrides`` replace settings fields; ``env``
+    adds app settings; ``entra`` gives the worker a credential issuing numbered Entra ID tokens.
     """
     loop = LoopThread()
     regions = [SimulatedRegion(name="eastus", chunk_delay=0.0), SimulatedRegion(name="westus", chunk_delay=0.0)]
@@ -234,38 +298,32 @@ def running_gateway(
             return await KeyStore(service, secret=settings.key_hash_secret).create(f"team-{uuid.uuid4().hex[:12]}")
 
     key = loop.run(create_key())
-    clock = FakeClock()
-    sink = RecordingSink()
+    scratch = Path(tempfile.mkdtemp(prefix="gateway-test-"))
+    clock = SharedClock(scratch / "clock", start=1000.0)
+    app_settings = {k: v for k, v in os.environ.items() if not k.startswith(_HOST_ONLY)}
+    # the queue trigger runs only where a test turns it on (it would take the events tests look for)
+    app_settings.update({"FUNCTIONS_WORKER_RUNTIME": "python", "USAGE_QUEUE_NAME": "usage-events",
+                         "AzureWebJobs.aggregate_usage.Disabled": "true",
+                         "TEST_CLOCK_FILE": str(scratch / "clock"), "TEST_USAGE_FILE": str(scratch / "usage.jsonl"),
+                         "TEST_ENTRA_CREDENTIAL": "1" if entra else "0"})
+    app_settings.update(settings_env(settings))
+    app_settings.update(env or {})
     logs = CapturedLogs()
     root = logging.getLogger()
     previous_level = root.level
     root.addHandler(logs)
     root.setLevel(logging.DEBUG)
-    for noisy in ("proton", "azure.servicebus._pyamqp"):  # frame-by-frame AMQP traces
+    for noisy in ("proton", "azure.servicebus._pyamqp", "grpc"):  # frame-by-frame traces
         logging.getLogger(noisy).setLevel(logging.INFO)
-    runtime, aggregator = function_app.runtime, function_app.aggregator
-
-    async def startup() -> None:
-        await runtime.start(settings, clock=clock, random=lambda: 0.0, sink=sink, credential=credential)
-        await aggregator.aggregator({"UsageStorage": connection_string})  # what the queue trigger writes to
-
-    async def shutdown() -> None:
-        await runtime.close()
-        await aggregator.close()
-
-    host = LocalHost(function_app.app, startup=startup, shutdown=shutdown, env=env)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(host, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="on", access_log=False))
-    serving = asyncio.run_coroutine_threadsafe(server.serve(), loop.loop)
     try:
-        wait_for_port(port)
-        yield Gateway(f"http://127.0.0.1:{port}", key, clock, sink, regions, loop, settings, logs)
+        with running_host(loop, PROJECT, app_settings,
+                          worker_command=(sys.executable, "-m", "tests.worker_entry")) as (url, host):
+            yield Gateway(url, key, clock, RecordedUsage(scratch / "usage.jsonl"), regions, loop, settings, logs, host)
     finally:
-        server.should_exit = True
-        serving.result(15)
         for region in regions:
             loop.run(region.stop())
         loop.close()
+        clock.close()
+        shutil.rmtree(scratch, ignore_errors=True)
         root.removeHandler(logs)
         root.setLevel(previous_level)

@@ -11,7 +11,7 @@ from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusSubQ
 from azure.servicebus.aio import ServiceBusClient as AsyncServiceBusClient
 from azure.servicebus.exceptions import ServiceBusError
 
-from tests.amqp_broker import AmqpBroker
+from devkit.amqp_broker import AmqpBroker
 
 QUEUE = "q"
 LIMIT = 20.0  # seconds that a whole async test may take (each takes 1-4 s)

@@ -13,7 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from gateway.simulator import SimulatedRegion
+from devkit.simulator import SimulatedRegion
 from tests.harness import PROJECT, LoopThread, free_port, wait_for_port
 
 
@@ -58,7 +58,7 @@ def test_keys_cli_and_serve_end_to_end(environment: tuple[dict[str, str], Simula
     assert rows["cli-team"]["enabled"] is True and document["key"] not in listed.stdout
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", str(port)], cwd=tmp_path,
+    server = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", str(port)], cwd=PROJECT,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_port(port)
@@ -76,8 +76,11 @@ def test_keys_cli_and_serve_end_to_end(environment: tuple[dict[str, str], Simula
         server.send_signal(signal.SIGINT)
         output, _ = server.communicate(timeout=30)
     assert server.returncode == 0, output
-    assert '"usage_source":"reported"' in output and '"key_name":"cli-team"' in output
+    assert "worker loaded 7 function(s)" in output and "stopped" in output
     assert document["key"] not in output and "backend-secret" not in output
+    report = run(["-m", "usage", "report", "--key", "cli-team", "--format", "json"], env, tmp_path)
+    [row] = json.loads(report.stdout)
+    assert row["requests"] == 1 and row["estimated_tokens"] == 0  # the stream's exact usage, counted once
     listed = run(["-m", "usage", "keys", "list"], env, tmp_path)
     assert "cli-team" in listed.stdout and "revoked" in listed.stdout
 
@@ -102,7 +105,7 @@ def test_quota_and_report_commands(environment: tuple[dict[str, str], SimulatedR
     assert bad.returncode == 2 and "negative" in bad.stderr
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", str(port)], cwd=tmp_path,
+    server = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", str(port)], cwd=PROJECT,
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port)

@@ -9,8 +9,8 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from devkit.simulator import SimulatedRegion
 from gateway import BackendConfig
-from gateway.simulator import SimulatedRegion
 from tests.harness import Gateway, http
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello"}]

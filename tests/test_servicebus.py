@@ -11,8 +11,8 @@ from typing import Any
 import openai
 import pytest
 
+from devkit.amqp_broker import AmqpBroker
 from gateway._settings import ServiceBusConfig
-from tests.amqp_broker import AmqpBroker
 from tests.harness import Gateway, running_gateway
 from tests.test_pipeline import wait_for_row
 
@@ -63,7 +63,7 @@ def test_service_bus_outage_fails_no_request_and_loses_no_event(storage: str, br
 def test_events_flow_through_the_queue_trigger_into_the_tables(storage: str, broker: AmqpBroker) -> None:
     """Gateway -> Service Bus -> aggregate_usage (run by the local host) -> usage table, exactly."""
     config = ServiceBusConfig(queue=QUEUE, connection_string=broker.connection_string)
-    env = {"ServiceBusConnection": broker.connection_string, "USAGE_QUEUE_NAME": QUEUE}
+    env = {"AzureWebJobs.aggregate_usage.Disabled": "false"}
     with running_gateway(storage, service_bus=config, env=env) as gw:
         name = f"team-{uuid.uuid4().hex[:8]}"
         client = openai.AzureOpenAI(azure_endpoint=gw.url, api_key=gw.create_key(name), api_version="2024-10-21")
@@ -87,8 +87,7 @@ def test_gateway_sink_is_off_the_request_path(gateway: Gateway) -> None:
 def test_disabled_trigger_is_not_run_locally(storage: str, broker: AmqpBroker) -> None:
     """AzureWebJobs.aggregate_usage.Disabled keeps the local host from consuming the queue, as in Azure."""
     config = ServiceBusConfig(queue=QUEUE, connection_string=broker.connection_string)
-    env = {"ServiceBusConnection": broker.connection_string, "USAGE_QUEUE_NAME": QUEUE,
-           "AzureWebJobs.aggregate_usage.Disabled": "true"}
+    env = {"AzureWebJobs.aggregate_usage.Disabled": "true"}
     with running_gateway(storage, service_bus=config, env=env) as gw:
         client = openai.AzureOpenAI(azure_endpoint=gw.url, api_key=gw.key, api_version="2024-10-21")
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)

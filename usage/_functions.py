@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
@@ -11,7 +12,7 @@ from azure.data.tables.aio import TableServiceClient
 from azure.identity.aio import DefaultAzureCredential
 
 from usage._aggregate import Aggregator, BatchResult
-from usage._config import load_storage_config, read_environment
+from usage._config import load_storage_config
 from usage._tables import open_table_service
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class AggregatorRuntime:
             self._lock = asyncio.Lock()
         async with self._lock:
             if self._aggregator is None:
-                config = load_storage_config(read_environment() if env is None else env)
+                config = load_storage_config(os.environ if env is None else env)
                 self._credential = DefaultAzureCredential() if config.uses_identity else None
                 self._service = open_table_service(config, credential=self._credential)
                 self._aggregator = Aggregator(self._service)

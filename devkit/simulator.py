@@ -10,7 +10,7 @@ Failures: ``429`` (with ``retry-after``/``retry-after-ms``), ``500``, ``hang`` (
 per request with ``fail_next`` or set for every request with ``mode``. A prompt containing
 ``FILTER_ME`` is refused with AOAI's 400 ``content_filter`` error.
 
-Run one: ``python -m gateway.simulator --port 8001 --region eastus``.
+Run one: ``python -m devkit.simulator --port 8001 --region eastus``.
 """
 
 from __future__ import annotations
@@ -242,6 +242,8 @@ class SimulatedRegion:
                 if index == len(frames) // 2 and kind in ("cut", "stall"):
                     if kind == "stall":
                         await self._stopping.wait()
+                    else:  # the frames sent so far arrive before the cut, as over a real network
+                        await asyncio.sleep(0.05)
                     assert request.transport is not None
                     request.transport.close()
                     return response
@@ -258,7 +260,7 @@ class SimulatedRegion:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m gateway.simulator", description="Run a simulated AOAI region.")
+    parser = argparse.ArgumentParser(prog="python -m devkit.simulator", description="Run a simulated AOAI region.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--region", default="sim", help="the x-ms-region it answers with")

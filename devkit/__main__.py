@@ -1,0 +1,5 @@
+import sys
+
+from devkit._serve import main
+
+sys.exit(main())
