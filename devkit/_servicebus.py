@@ -77,7 +77,8 @@ def _metadata(messages: list[Any], many: bool) -> dict[str, Any]:
 
     fields: dict[str, list[Any]] = {
         "MessageId": [m.message_id for m in messages],
-        "DeliveryCount": [m.delivery_count for m in messages],
+        # the extension (.NET SDK) counts this delivery too: 1 on the first, where AMQP's header says 0
+        "DeliveryCount": [(m.delivery_count or 0) + 1 for m in messages],
         "EnqueuedTimeUtc": [_iso(m.enqueued_time_utc) for m in messages],
         "ExpiresAtUtc": [_iso(m.expires_at_utc) for m in messages],
         "LockedUntil": [_iso(m.locked_until_utc) for m in messages],

@@ -1,0 +1,194 @@
+"""The app as Azure's Python 3.13 runtime sees it: indexing, loading, HTTP and Service Bus invocations through
+the real ``azure-functions-runtime`` in a worker process of its own, driven by the local host."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from azure.servicebus import ServiceBusClient, ServiceBusMessage
+
+from devkit.amqp_broker import AmqpBroker
+from gateway._settings import ServiceBusConfig
+from tests.harness import PROJECT, Gateway, LoopThread, free_port, running_gateway, running_host
+from tests.test_pipeline import wait_for_row
+from usage import open_table_service
+from usage._schema import REJECTS_TABLE
+
+QUEUE = "usage-events"
+
+
+@pytest.fixture
+def broker() -> Iterator[AmqpBroker]:
+    with AmqpBroker() as running:
+        yield running
+
+
+def eventually(predicate: Any, timeout: float = 30.0, message: Any = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out: {message() if message else ''}")
+
+
+def test_indexing_reports_the_bindings_azure_will_see(gateway: Gateway) -> None:
+    """The runtime indexes every function with its routes, methods and the Service Bus batch trigger."""
+    triggers = {f.name: f.trigger for f in gateway.host.functions}
+    assert set(triggers) == {"chat_completions", "completions", "embeddings", "v1_chat_completions",
+                             "v1_embeddings", "not_found", "aggregate_usage"}
+    routes = {name: (t["route"], t.get("methods")) for name, t in triggers.items() if t["type"] == "httpTrigger"}
+    assert routes == {
+        "chat_completions": ("openai/deployments/{deployment}/chat/completions", ["POST"]),
+        "completions": ("openai/deployments/{deployment}/completions", ["POST"]),
+        "embeddings": ("openai/deployments/{deployment}/embeddings", ["POST"]),
+        "v1_chat_completions": ("openai/v1/chat/completions", ["POST"]),
+        "v1_embeddings": ("openai/v1/embeddings", ["POST"]),
+        "not_found": ("{*path}", routes["not_found"][1]),
+    }
+    assert routes["not_found"][1] in (None, [])  # every method
+    assert all(t["authLevel"].upper() == "ANONYMOUS" for t in triggers.values() if t["type"] == "httpTrigger")
+    queue = triggers["aggregate_usage"]
+    assert (queue["type"], queue["queueName"], queue["connection"], queue["cardinality"].lower()) == (
+        "serviceBusTrigger", "%USAGE_QUEUE_NAME%", "ServiceBusConnection", "many")
+
+
+def _event(key_name: str, tokens: int) -> dict[str, Any]:
+    return {"schema": 1, "event_id": uuid.uuid4().hex, "request_id": "r", "time": time.strftime(
+        "%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "key_name": key_name, "deployment": "gpt-4o",
+        "model": "gpt-4o-2024-08-06", "backend": "eastus", "operation": "chat/completions", "streaming": True,
+        "prompt_tokens": tokens, "completion_tokens": 5, "total_tokens": tokens + 5, "cached_tokens": 0,
+        "reasoning_tokens": 0, "usage_source": "reported", "status": 200, "latency_ms": 1.0, "ttfb_ms": 1.0,
+        "outcome": "complete"}
+
+
+def test_queue_trigger_counts_the_valid_and_rejects_the_malformed_of_one_batch(storage: str,
+                                                                                broker: AmqpBroker) -> None:
+    """A batch mixing good and malformed messages: the good are counted once, the bad kept as rejects."""
+    config = ServiceBusConfig(queue=QUEUE, connection_string=broker.connection_string)
+    name = f"team-{uuid.uuid4().hex[:8]}"
+    good = [_event(name, tokens) for tokens in (10, 20, 30)]
+    bad = {f"bad-{uuid.uuid4().hex[:8]}": body for body in (b"not json", b'{"schema": 1}', b"[" * 50 + b"]" * 50)}
+    with (running_gateway(storage, service_bus=config, env={"AzureWebJobs.aggregate_usage.Disabled": "false"}) as gw,
+          ServiceBusClient.from_connection_string(broker.connection_string) as client,
+          client.get_queue_sender(QUEUE) as sender):
+        batch = sender.create_message_batch()
+        for event in good:
+            batch.add_message(ServiceBusMessage(json.dumps(event), message_id=event["event_id"]))
+        for message_id, body in bad.items():
+            batch.add_message(ServiceBusMessage(body, message_id=message_id))
+        sender.send_messages(batch)
+        row = wait_for_row(gw, name, 3)
+        assert (row["Requests"], row["TotalTokens"]) == (3, sum(e["total_tokens"] for e in good))
+        eventually(lambda: broker.messages(QUEUE) == [])  # the batch was completed, not abandoned
+        assert broker.dead_letters(QUEUE) == []
+
+        async def rejected() -> set[str]:
+            async with open_table_service(gw.settings.storage) as service:
+                table = service.get_table_client(REJECTS_TABLE)
+                return {str(e.get("MessageId") or e["RowKey"]) async for e in table.list_entities()}
+
+        assert set(bad) <= gw.loop.run(rejected())
+
+
+FLAKY_APP = '''
+import json
+import os
+import typing
+
+import azure.functions as func
+
+app = func.FunctionApp()
+
+
+@app.service_bus_queue_trigger(arg_name="batch", queue_name="%QUEUE%", connection="Bus", cardinality="many")
+async def consume(batch: typing.List[func.ServiceBusMessage]) -> None:
+    with open(os.environ["SEEN_FILE"], "a") as seen:
+        for message in batch:
+            seen.write(json.dumps([message.get_body().decode(), message.message_id, message.delivery_count]) + "\\n")
+    if any(m.get_body() == b"fail" for m in batch):
+        raise RuntimeError("this batch fails")
+'''
+
+
+def test_queue_trigger_completes_on_success_and_abandons_on_failure(tmp_path: Path, broker: AmqpBroker) -> None:
+    """A batch whose invocation succeeds is completed; one that fails is abandoned and delivered again."""
+    (tmp_path / "function_app.py").write_text(FLAKY_APP)
+    (tmp_path / "host.json").write_text('{"version": "2.0", "extensions": {"serviceBus": {"maxMessageBatchSize": 5}}}')
+    seen = tmp_path / "seen.jsonl"
+    settings = {"QUEUE": "work", "Bus": broker.connection_string, "SEEN_FILE": str(seen)}
+
+    def lines() -> list[list[Any]]:
+        return [json.loads(line) for line in seen.read_text().splitlines()] if seen.is_file() else []
+
+    loop = LoopThread()
+    try:
+        with (running_host(loop, tmp_path, settings),
+              ServiceBusClient.from_connection_string(broker.connection_string) as client,
+              client.get_queue_sender("work") as sender):
+            sender.send_messages([ServiceBusMessage("ok", message_id="m-ok")])
+            eventually(lambda: broker.messages("work") == [] and ["ok", "m-ok", 1] in lines(), message=lines)
+            sender.send_messages([ServiceBusMessage("fail", message_id="m-fail")])
+            # abandoned, so delivered again and again (the queue's max delivery count would dead-letter it)
+            eventually(lambda: ["fail", "m-fail", 3] in lines(), message=lines)
+            assert [line for line in lines() if line[0] == "ok"] == [["ok", "m-ok", 1]]  # completed: never again
+    finally:
+        loop.close()
+
+
+BROKEN_APP = '''
+import azure.functions as func
+
+app = func.FunctionApp()
+
+
+@app.service_bus_queue_trigger(arg_name="messages", queue_name="q", connection="Bus", cardinality="many")
+async def consume(messages: list[func.ServiceBusMessage]) -> None:
+    return None
+'''
+
+
+def test_an_app_that_cannot_load_stops_serve_with_the_runtimes_message(tmp_path: Path) -> None:
+    """serve exits non-zero at once with the runtime's FunctionLoadError, before listening."""
+    (tmp_path / "function_app.py").write_text(BROKEN_APP)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "devkit", "serve", "--port", str(free_port())], cwd=tmp_path,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(PROJECT)}, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 1, done.stderr
+    assert "FunctionLoadError" in done.stderr and "invalid non-type annotation" in done.stderr
+    assert "Traceback" not in done.stderr and time.monotonic() - started < 60
+
+
+def test_malformed_http_gets_an_aoai_shaped_400(gateway: Gateway) -> None:
+    """A request line that is not HTTP gets a JSON error body, like the gateway's own errors."""
+    port = int(gateway.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head
+    error = json.loads(body)["error"]
+    assert error["code"] == "BadRequest" and "Malformed" in error["message"]
+
+
+def test_runtime_and_protocol_versions_are_the_pinned_ones() -> None:
+    """The tests run on the pinned azure-functions-runtime with the protocol classes setup.sh installed."""
+    from importlib.metadata import version
+
+    pinned = dict(line.split("==") for line in textwrap.dedent(
+        (PROJECT / "devkit/requirements.txt").read_text()).splitlines() if "==" in line and not line.startswith("#"))
+    assert version("azure-functions-runtime") == pinned["azure-functions-runtime"]
+    assert sys.version_info[:2] == (3, 13)
