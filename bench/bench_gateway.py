@@ -26,7 +26,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
 from devkit.amqp_broker import AmqpBroker  # noqa: E402
-from tests.harness import azurite, free_port, wait_for_port  # noqa: E402
+from devkit.services import azurite, free_port, wait_for_port  # noqa: E402
 from usage import KeyStore, StorageConfig, open_table_service  # noqa: E402
 
 BODY = json.dumps({"messages": [{"role": "user", "content": "Say hello"}], "stream": True}).encode()

@@ -17,9 +17,9 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
+from devkit.services import azurite  # noqa: E402
 from gateway._publish import UsagePublisher  # noqa: E402
 from gateway._records import UsageRecord, encode_event  # noqa: E402
-from tests.harness import azurite  # noqa: E402
 from usage import Aggregator, StorageConfig, open_table_service  # noqa: E402
 
 

@@ -94,6 +94,10 @@ class FunctionsHost:
             timeout=aiohttp.ClientTimeout(total=None, sock_read=None, sock_connect=10))
         self._start_triggers()
 
+    @property
+    def worker_pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
     def _worker_env(self) -> dict[str, str]:
         env = {**os.environ, **self.settings}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(DEVKIT_ROOT), env.get("PYTHONPATH", "")) if p)

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import os
 import random as _random
+import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -33,6 +35,14 @@ from usage._tables import open_table_service
 log = logging.getLogger(__name__)
 
 
+#: how long the publisher gathers events before one send: to Service Bus, or (the local run) straight into
+#: the tables, where a report a second later must already show the request
+SERVICE_BUS_LINGER = 0.5
+IN_PROCESS_LINGER = 0.25
+#: on SIGTERM, how long the buffered usage events may take to go out before the process ends
+SIGTERM_FLUSH_SECONDS = 5.0
+
+
 class GatewayRuntime:
     """Holds one session, one credential, one table client and the ``Proxy`` built on them.
 
@@ -48,6 +58,7 @@ class GatewayRuntime:
         self._lock: asyncio.Lock | None = None  # made in the loop that first starts the runtime
         self._warming: asyncio.Future[None] | None = None
         self._injected: dict[str, Any] = {}
+        self._stopping: asyncio.Task[None] | None = None
         self.publisher: UsagePublisher | None = None
 
     def configure(
@@ -93,6 +104,7 @@ class GatewayRuntime:
                 await self._release()  # nothing half-built stays open
                 raise
             self._warming = asyncio.get_running_loop().run_in_executor(None, _tokens.warm)
+            self._flush_on_sigterm()
             log.info("gateway started with %d backend(s): %s", len(settings.backends),
                      ", ".join(b.name for b in settings.backends))
             return self._proxy
@@ -122,14 +134,12 @@ class GatewayRuntime:
             raise SettingsError(STORAGE_SETTING, "is not a usable storage connection string") from exc
         self._closers.append(tables.close)
         store = KeyStore(tables, secret=settings.key_hash_secret)
-        # a Service Bus send costs milliseconds of CPU whatever its size: gather a second's events
-        # first. In process (the local run) events are counted at once, so a report right after a
-        # request already shows it.
+        # a Service Bus send, like an aggregation into the tables, costs milliseconds of CPU whatever its
+        # size: gather events briefly first, so a burst of requests costs one send (see the constants)
+        linger = IN_PROCESS_LINGER if settings.service_bus is None else SERVICE_BUS_LINGER
         self.publisher = UsagePublisher(self._transport(settings, tables, credential),
-                                        capacity=settings.usage_buffer_size,
-                                        linger=0.0 if settings.service_bus is None else 1.0)
-        self.publisher.start()
-        self._closers.append(self.publisher.close)
+                                        capacity=settings.usage_buffer_size, linger=linger)
+        self.publisher.start()  # closed first in close(), with its flush
         sinks: list[UsageSink] = [LoggingSink(), self.publisher]
         if sink is not None:
             sinks.append(sink)
@@ -165,6 +175,29 @@ class GatewayRuntime:
             client = ServiceBusClient(config.fully_qualified_namespace, credential)
         return ServiceBusTransport(client, config.queue)
 
+    def _flush_on_sigterm(self) -> None:
+        """Azure (and the local host) stop a worker with SIGTERM: send what is buffered, then end as SIGTERM would."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers belong to the main thread's loop; the host stops others its own way
+        loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            loop.remove_signal_handler(signal.SIGTERM)
+            log.info("SIGTERM: flushing usage events before the worker stops")
+            self._stopping = loop.create_task(self._close_then_terminate())
+
+        try:
+            loop.add_signal_handler(signal.SIGTERM, stop)
+        except (NotImplementedError, RuntimeError, ValueError):  # no signals here (another platform or loop)
+            log.debug("no SIGTERM handler installed")
+
+    async def _close_then_terminate(self) -> None:
+        try:
+            async with asyncio.timeout(SIGTERM_FLUSH_SECONDS + 1.0):
+                await self.close(flush_seconds=SIGTERM_FLUSH_SECONDS)
+        finally:
+            signal.raise_signal(signal.SIGTERM)  # the handler is gone: the default action ends the process
+
     async def _release(self) -> None:
         closers, self._closers = self._closers[::-1], []
         for close in closers:
@@ -176,11 +209,14 @@ class GatewayRuntime:
         """The running proxy, started from the environment (the app settings) on first use."""
         return self._proxy if self._proxy is not None else await self.start(**self._injected)
 
-    async def close(self) -> None:
+    async def close(self, *, flush_seconds: float = 10.0) -> None:
         if self._lock is None:
             return
         async with self._lock:
             self._proxy = None
+            if self.publisher is not None:
+                publisher, self.publisher = self.publisher, None
+                await publisher.close(flush_seconds=flush_seconds)
             await self._release()
             if self._warming is not None:
                 await self._warming

@@ -4,7 +4,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import Gateway, azurite, running_gateway
+from devkit.services import azurite
+from tests.harness import Gateway, running_gateway
 
 
 @pytest.fixture(scope="session")

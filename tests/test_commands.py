@@ -13,8 +13,9 @@ from pathlib import Path
 import openai
 import pytest
 
+from devkit.services import free_port, wait_for_port
 from devkit.simulator import SimulatedRegion
-from tests.harness import PROJECT, LoopThread, free_port, wait_for_port
+from tests.harness import PROJECT, LoopThread
 
 
 def run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -215,8 +215,9 @@ def test_response_timeout_fails_over(storage: str) -> None:
 
 def test_refused_connection_fails_over(storage: str) -> None:
     """A region that refuses connections is skipped."""
+    from devkit.services import free_port
     from gateway import BackendConfig
-    from tests.harness import free_port, running_gateway
+    from tests.harness import running_gateway
 
     dead = BackendConfig(name="dead", endpoint=f"http://127.0.0.1:{free_port()}", priority=0, api_key="x")
     with running_gateway(storage, backends=lambda regions: (dead, *regions)) as gw:

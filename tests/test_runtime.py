@@ -18,8 +18,9 @@ import pytest
 from azure.servicebus import ServiceBusClient, ServiceBusMessage
 
 from devkit.amqp_broker import AmqpBroker
+from devkit.services import free_port
 from gateway._settings import ServiceBusConfig
-from tests.harness import PROJECT, Gateway, LoopThread, free_port, running_gateway, running_host
+from tests.harness import PROJECT, Gateway, LoopThread, running_gateway, running_host
 from tests.test_pipeline import wait_for_row
 from usage import open_table_service
 from usage._schema import REJECTS_TABLE
