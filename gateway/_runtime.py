@@ -20,7 +20,7 @@ from gateway._backends import BackendPool
 from gateway._credentials import TokenProvider
 from gateway._proxy import Proxy
 from gateway._publish import EventTransport, InProcessTransport, ServiceBusTransport, UsagePublisher
-from gateway._quota import QuotaGuard
+from gateway._quota import QuotaGuard, TableUsage
 from gateway._records import LoggingSink, TeeSink, UsageSink
 from gateway._settings import Settings, load_settings
 from usage._aggregate import Aggregator
@@ -100,7 +100,16 @@ class GatewayRuntime:
         except ValueError as exc:  # the SDK's word for a connection string it cannot use
             raise SettingsError(STORAGE_SETTING, "is not a usable storage connection string") from exc
         self._closers.append(tables.close)
-        store = KeyStore(tables, secret=settings.key_hash_secret)
+        # Table reads made for requests are bounded by the key lookup time-out, in the background too
+        store = KeyStore(tables, secret=settings.key_hash_secret, lookup_timeout=settings.key_lookup_timeout)
+        keys = KeyCache(store, ttl=settings.key_cache_seconds, stale=settings.key_stale_seconds,
+                        timeout=settings.key_lookup_timeout, clock=clock, secret=settings.key_hash_secret)
+        self._closers.append(keys.close)
+        quota = QuotaGuard(TableUsage(tables, timeout=settings.key_lookup_timeout),
+                           cache_seconds=settings.quota_cache_seconds, settle_seconds=settings.quota_settle_seconds,
+                           read_timeout=settings.quota_read_timeout, refresh_timeout=settings.key_lookup_timeout,
+                           clock=clock, wall_clock=wall_clock)
+        self._closers.append(quota.close)
         # a Service Bus send costs milliseconds of CPU whatever its size: gather a second's events
         # first. In process (the local run) events are counted at once, so a report right after a
         # request already shows it.
@@ -115,12 +124,10 @@ class GatewayRuntime:
         return Proxy(
             settings,
             session=session,
-            keys=KeyCache(store, ttl=settings.key_cache_seconds, clock=clock,
-                          secret=settings.key_hash_secret),
+            keys=keys,
             pool=BackendPool(settings.backends, clock=clock, random=random),
             tokens=None if credential is None else TokenProvider(credential, wall_clock=wall_clock),
-            quota=QuotaGuard(tables, cache_seconds=settings.quota_cache_seconds,
-                             settle_seconds=settings.quota_settle_seconds, clock=clock, wall_clock=wall_clock),
+            quota=quota,
             sink=TeeSink(*sinks),
             clock=clock,
             wall_clock=wall_clock,
