@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -53,7 +54,7 @@ class KeyLookup(Protocol):
 class _Entry:
     record: KeyRecord | None  # None: the store said the key does not exist
     checked: float  # clock time of the store's answer
-    retry_at: float = 0.0  # no background refresh before this (set when one fails)
+    retry_at: float = -math.inf  # no background refresh before this (set when one fails)
 
 
 class KeyCache:

@@ -73,6 +73,7 @@ class _Cached:
     windows: dict[str, str]
     expires: float  # clock time until which the figures are used without waiting for the table
     refresh_at: float  # clock time from which a request starts a background read
+    failed: bool = False  # the last read failed: used until one succeeds, no request waits meanwhile
 
 
 @dataclass(slots=True)
@@ -153,23 +154,26 @@ class QuotaGuard:
         """The key's usage in the table, as far as it is known without waiting long."""
         cached = state.cached
         clock = self._clock()
-        if cached is not None and cached.windows == windows and clock < cached.expires:
-            if clock >= cached.refresh_at:
+        current = cached is not None and cached.windows == windows and clock < cached.expires
+        if cached is not None and (current or cached.failed):
+            if clock >= cached.refresh_at or cached.windows != windows:
                 self._read(key, state, now, windows)
-            return cached.values
+            return _known(cached, windows)
         try:
             async with asyncio.timeout(self._read_timeout):
                 await asyncio.shield(self._read(key, state, now, windows))
         except TimeoutError:
             log.warning("quota: usage of %s not read within %gs; counting what is known", key, self._read_timeout)
-            return self._keep(state, _known(state.cached, windows), windows)
+            return self._keep(state, _known(state.cached, windows), windows, failed=True)
         return _known(state.cached, windows)
 
-    def _keep(self, state: _KeyState, values: dict[str, int], windows: dict[str, str]) -> dict[str, int]:
+    def _keep(
+        self, state: _KeyState, values: dict[str, int], windows: dict[str, str], *, failed: bool = False
+    ) -> dict[str, int]:
         """Use ``values`` for the next ``QUOTA_CACHE_SECONDS`` (re-read in the background before then)."""
         clock = self._clock()
         state.cached = _Cached(values, windows, clock + self._cache_seconds,
-                               clock + self._cache_seconds * REFRESH_AHEAD)
+                               clock + self._cache_seconds * REFRESH_AHEAD, failed)
         return values
 
     def _read(self, key: str, state: _KeyState, now: datetime, windows: dict[str, str]) -> asyncio.Task[None]:
@@ -186,7 +190,7 @@ class QuotaGuard:
         except STORAGE_ERRORS as exc:  # fail open on the table, keep counting this instance's own
             log.warning("quota: cannot read usage of %s (%s); counting this instance's admissions and the "
                         "last figures read", key, type(exc).__name__)
-            self._keep(state, _known(state.cached, windows), windows)
+            self._keep(state, _known(state.cached, windows), windows, failed=True)
             return
         self._keep(state, values, windows)
 
