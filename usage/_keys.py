@@ -120,10 +120,6 @@ class KeyStore:
         with contextlib.suppress(ResourceExistsError):
             await self._service.create_table(KEYS_TABLE)
 
-    async def lookup(self, key: str) -> KeyRecord | None:
-        """The record for ``key``, or ``None`` when it is unknown."""
-        return await self.lookup_hash(hash_key(key, self._secret))
-
     async def lookup_hash(self, digest: str) -> KeyRecord | None:
         """The record of the key whose ``hash_key`` is ``digest``, or ``None`` when it is unknown."""
         try:
