@@ -3,6 +3,7 @@
 from gateway._exceptions import (
     BadRequest,
     GatewayError,
+    KeyStoreUnavailable,
     MethodNotAllowed,
     NoBackendAvailable,
     NotFound,
@@ -22,6 +23,7 @@ __all__ = [
     "BadRequest",
     "GatewayError",
     "GatewayRuntime",
+    "KeyStoreUnavailable",
     "LoggingSink",
     "MethodNotAllowed",
     "NoBackendAvailable",

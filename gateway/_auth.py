@@ -1,16 +1,22 @@
-"""Client authentication: the subscription key from the request, checked against the key store."""
+"""Client authentication: the subscription key from the request, checked against the key store.
+
+A key's answer is kept per instance. Known keys are re-checked in the background, never on the
+request path, and keep being served while Table Storage cannot be reached (up to a limit); a key
+the instance has not seen waits for its lookup at most a few seconds, then gets a 503.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
+from typing import Protocol
 
-from azure.core.exceptions import AzureError
-
-from gateway._exceptions import Unauthorized, UpstreamFailed
-from usage._keys import KeyRecord, KeyStore, hash_key
+from gateway._exceptions import KeyStoreUnavailable, Unauthorized
+from usage import STORAGE_ERRORS, KeyRecord, hash_key
 
 log = logging.getLogger(__name__)
 
@@ -32,47 +38,68 @@ def key_from_headers(headers: Mapping[str, str]) -> str | None:
     return key.strip() if key else None
 
 
+#: After a failed background refresh, the next one waits this long: a busy key is not retried per request.
+REFRESH_RETRY_SECONDS = 5.0
+#: ``Retry-After`` of a 503 when the key could not be checked.
+RETRY_AFTER_SECONDS = 5.0
+
+
+class KeyLookup(Protocol):
+    """Where keys are looked up: ``usage.KeyStore``, or a test's stand-in."""
+
+    async def lookup_hash(self, digest: str) -> KeyRecord | None: ...
+
+
 @dataclass(slots=True)
 class _Entry:
-    record: KeyRecord | None
-    expires: float
-
-
-def _store_unavailable() -> UpstreamFailed:
-    return UpstreamFailed(
-        "The gateway could not check the subscription key; try again.",
-        status=503, code="ServiceUnavailable",
-    )
+    record: KeyRecord | None  # None: the store said the key does not exist
+    checked: float  # clock time of the store's answer
+    retry_at: float = -math.inf  # no background refresh before this (set when one fails)
 
 
 class KeyCache:
-    """Looks keys up in the store, keeping answers (known or not) for ``ttl`` seconds.
+    """Looks keys up in the store and keeps the answers, keyed by the key's hash (no subscription
+    key is kept in clear longer than the request that carried it).
 
-    Entries are keyed by the key's hash, so no subscription key is kept in clear in memory
-    longer than the request that carried it. Concurrent misses for one key share one lookup.
+    An answer younger than ``ttl`` is used as is. A known key's answer older than that, but younger
+    than ``stale``, is still used, while one background refresh re-checks it: keys in use never wait
+    for the store, and keep working through an outage of up to ``stale`` seconds. Anything else (a
+    key not seen, a "no such key" answer older than ``ttl``, an answer older than ``stale``) is looked
+    up on the request path, waiting at most ``timeout`` seconds before ``KeyStoreUnavailable`` (503).
+    Lookups of one key share one task, bounded by ``timeout`` too: a caller that gives up or goes
+    away leaves it running for the others.
     """
 
-    def __init__(self, store: KeyStore, *, ttl: float, clock: Callable[[], float], secret: bytes = b"") -> None:
+    def __init__(
+        self,
+        store: KeyLookup,
+        *,
+        ttl: float,
+        stale: float,
+        timeout: float,
+        clock: Callable[[], float],
+        secret: bytes = b"",
+    ) -> None:
         self._store = store
         self._ttl = ttl
+        self._stale = stale
+        self._timeout = timeout
         self._clock = clock
         self._secret = secret
         self._entries: dict[str, _Entry] = {}
-        self._inflight: dict[str, asyncio.Future[KeyRecord | None]] = {}
+        self._inflight: dict[str, asyncio.Task[KeyRecord | None]] = {}
 
     async def authenticate(self, key: str | None) -> KeyRecord:
-        """The enabled key's record; ``Unauthorized`` for a missing, unknown or revoked key."""
+        """The enabled key's record; ``Unauthorized`` for a missing, unknown or revoked key,
+        ``KeyStoreUnavailable`` when the store could not tell in time."""
         if not key:
             raise Unauthorized(
                 "Access denied due to missing subscription key. Make sure to include the key "
                 "in the api-key header (or Authorization: Bearer) when making requests."
             )
         digest = hash_key(key, self._secret)
-        entry = self._entries.get(digest)
-        if entry is None or entry.expires <= self._clock():
-            record = await self._lookup(key, digest)
-        else:
-            record = entry.record
+        entry = self._cached(digest)
+        record = entry.record if entry is not None else await self._wait(digest)
         if record is None or not record.enabled:
             raise Unauthorized(
                 "Access denied due to invalid subscription key. Make sure to provide a valid key "
@@ -80,26 +107,64 @@ class KeyCache:
             )
         return record
 
-    async def _lookup(self, key: str, digest: str) -> KeyRecord | None:
-        pending = self._inflight.get(digest)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[KeyRecord | None] = asyncio.get_running_loop().create_future()
-        self._inflight[digest] = future
+    def _cached(self, digest: str) -> _Entry | None:
+        """The entry to answer from (refreshing it in the background when it is stale), if any."""
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        now = self._clock()
+        age = now - entry.checked
+        if age < self._ttl:
+            return entry
+        if entry.record is None or age >= self._stale:
+            return None
+        if now >= entry.retry_at:
+            self._lookup(digest)
+        return entry
+
+    async def _wait(self, digest: str) -> KeyRecord | None:
+        """The store's answer, waiting at most ``timeout`` seconds for it."""
         try:
-            record = await self._store.lookup(key)
-        except BaseException as exc:  # waiters must never hang: they get a 503 whatever happened here
-            error = _store_unavailable()
-            future.set_exception(error)
-            future.exception()  # marked retrieved; each waiter raises it from its own await
-            log.warning("key lookup failed: %s", type(exc).__name__)
-            if isinstance(exc, AzureError):
-                raise error from exc
-            raise
-        finally:
-            del self._inflight[digest]
-        future.set_result(record)
+            async with asyncio.timeout(self._timeout):
+                return await asyncio.shield(self._lookup(digest))
+        except STORAGE_ERRORS as exc:
+            raise KeyStoreUnavailable(retry_after=RETRY_AFTER_SECONDS) from exc
+
+    def _lookup(self, digest: str) -> asyncio.Task[KeyRecord | None]:
+        """The running lookup of ``digest``, started if there is none."""
+        task = self._inflight.get(digest)
+        if task is None:
+            task = asyncio.create_task(self._fetch(digest), name="key lookup")
+            self._inflight[digest] = task
+            task.add_done_callback(partial(self._settled, digest))
+        return task
+
+    async def _fetch(self, digest: str) -> KeyRecord | None:
+        async with asyncio.timeout(self._timeout):
+            record = await self._store.lookup_hash(digest)
         if len(self._entries) > 100_000:
             self._entries.clear()
-        self._entries[digest] = _Entry(record, self._clock() + self._ttl)
+        self._entries[digest] = _Entry(record, self._clock())
         return record
+
+    def _settled(self, digest: str, task: asyncio.Task[KeyRecord | None]) -> None:
+        del self._inflight[digest]
+        if task.cancelled():
+            return
+        error = task.exception()  # marks it retrieved: a background refresh may have no waiter
+        if error is None:
+            return
+        entry = self._entries.get(digest)
+        if entry is not None:
+            entry.retry_at = self._clock() + REFRESH_RETRY_SECONDS
+        if isinstance(error, STORAGE_ERRORS):
+            log.warning("key lookup failed: %s", type(error).__name__)
+        else:
+            log.error("key lookup failed inside the gateway", exc_info=error)
+
+    async def close(self) -> None:
+        """Cancel the lookups still running (at shutdown)."""
+        tasks = list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

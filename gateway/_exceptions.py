@@ -11,6 +11,7 @@
         ├── PayloadTooLarge      413
         ├── QuotaExceeded        429, the caller's own token quota
         ├── NoBackendAvailable   429 (all cooling after throttling) or 503, with Retry-After
+        ├── KeyStoreUnavailable  503 with Retry-After, the key could not be checked in time
         └── UpstreamFailed       502 / 504, every attempt failed without an HTTP answer
 
 Errors from aiohttp and the Azure SDKs are mapped to these at the edge (``raise ... from exc``).
@@ -25,8 +26,9 @@ from collections.abc import Mapping
 from usage._config import SettingsError
 
 __all__ = [
-    "BadRequest", "GatewayError", "MethodNotAllowed", "NoBackendAvailable", "NotFound", "PayloadTooLarge",
-    "QuotaExceeded", "RequestError", "SettingsError", "Unauthorized", "UpstreamFailed", "retry_after_headers",
+    "BadRequest", "GatewayError", "KeyStoreUnavailable", "MethodNotAllowed", "NoBackendAvailable", "NotFound",
+    "PayloadTooLarge", "QuotaExceeded", "RequestError", "SettingsError", "Unauthorized", "UpstreamFailed",
+    "retry_after_headers",
 ]
 
 
@@ -113,6 +115,17 @@ class NoBackendAvailable(RequestError):
             headers=retry_after_headers(retry_after),
         )
         self.retry_after = retry_after
+
+
+class KeyStoreUnavailable(RequestError):
+    """The subscription key could not be checked: Table Storage failed or did not answer in time."""
+
+    status = 503
+    code = "KeyStoreUnavailable"
+
+    def __init__(self, *, retry_after: float) -> None:
+        super().__init__("The gateway could not check the subscription key in time; please retry.",
+                         headers=retry_after_headers(retry_after))
 
 
 class UpstreamFailed(RequestError):

@@ -24,7 +24,7 @@ from gateway._backends import BackendPool
 from gateway._credentials import TokenProvider
 from gateway._proxy import Proxy
 from gateway._publish import EventTransport, InProcessTransport, ServiceBusTransport, UsagePublisher
-from gateway._quota import QuotaGuard
+from gateway._quota import QuotaGuard, TableUsage
 from gateway._records import LoggingSink, TeeSink, UsageSink
 from gateway._settings import Settings, load_settings
 from usage._aggregate import Aggregator
@@ -133,7 +133,16 @@ class GatewayRuntime:
         except ValueError as exc:  # the SDK's word for a connection string it cannot use
             raise SettingsError(STORAGE_SETTING, "is not a usable storage connection string") from exc
         self._closers.append(tables.close)
-        store = KeyStore(tables, secret=settings.key_hash_secret)
+        # Table reads made for requests are bounded by the key lookup time-out, in the background too
+        store = KeyStore(tables, secret=settings.key_hash_secret, lookup_timeout=settings.key_lookup_timeout)
+        keys = KeyCache(store, ttl=settings.key_cache_seconds, stale=settings.key_stale_seconds,
+                        timeout=settings.key_lookup_timeout, clock=clock, secret=settings.key_hash_secret)
+        self._closers.append(keys.close)
+        quota = QuotaGuard(TableUsage(tables, timeout=settings.key_lookup_timeout),
+                           cache_seconds=settings.quota_cache_seconds, settle_seconds=settings.quota_settle_seconds,
+                           read_timeout=settings.quota_read_timeout, refresh_timeout=settings.key_lookup_timeout,
+                           clock=clock, wall_clock=wall_clock)
+        self._closers.append(quota.close)
         # a Service Bus send, like an aggregation into the tables, costs milliseconds of CPU whatever its
         # size: gather events briefly first, so a burst of requests costs one send (see the constants)
         linger = IN_PROCESS_LINGER if settings.service_bus is None else SERVICE_BUS_LINGER
@@ -146,12 +155,10 @@ class GatewayRuntime:
         return Proxy(
             settings,
             session=session,
-            keys=KeyCache(store, ttl=settings.key_cache_seconds, clock=clock,
-                          secret=settings.key_hash_secret),
+            keys=keys,
             pool=BackendPool(settings.backends, clock=clock, random=random),
             tokens=None if credential is None else TokenProvider(credential, wall_clock=wall_clock),
-            quota=QuotaGuard(tables, cache_seconds=settings.quota_cache_seconds,
-                             settle_seconds=settings.quota_settle_seconds, clock=clock, wall_clock=wall_clock),
+            quota=quota,
             sink=TeeSink(*sinks),
             clock=clock,
             wall_clock=wall_clock,

@@ -77,6 +77,8 @@ class Settings:
     storage: StorageConfig
     key_hash_secret: bytes = field(default=b"", repr=False)
     key_cache_seconds: float = 30.0
+    key_lookup_timeout: float = 2.0
+    key_stale_seconds: float = 300.0
     connect_timeout: float = 5.0
     response_timeout: float = 120.0
     stream_idle_timeout: float = 120.0
@@ -89,6 +91,7 @@ class Settings:
     usage_buffer_size: int = 10_000
     quota_cache_seconds: float = 5.0
     quota_settle_seconds: float = 30.0
+    quota_read_timeout: float = 0.5
 
     @property
     def needs_credential(self) -> bool:
@@ -198,6 +201,8 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         storage=load_storage_config(env),
         key_hash_secret=env.get("KEY_HASH_SECRET", "").encode(),
         key_cache_seconds=_number(env, "KEY_CACHE_SECONDS", 30.0),
+        key_lookup_timeout=_number(env, "KEY_LOOKUP_TIMEOUT_SECONDS", 2.0, minimum=0.001),
+        key_stale_seconds=_number(env, "KEY_STALE_SECONDS", 300.0),
         connect_timeout=_number(env, "CONNECT_TIMEOUT_SECONDS", 5.0, minimum=0.001),
         response_timeout=_number(env, "RESPONSE_TIMEOUT_SECONDS", 120.0, minimum=0.001),
         stream_idle_timeout=_number(env, "STREAM_IDLE_TIMEOUT_SECONDS", 120.0, minimum=0.001),
@@ -210,4 +215,5 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         usage_buffer_size=_integer(env, "USAGE_BUFFER_SIZE", 10_000),
         quota_cache_seconds=_number(env, "QUOTA_CACHE_SECONDS", 5.0),
         quota_settle_seconds=_number(env, "QUOTA_SETTLE_SECONDS", 30.0),
+        quota_read_timeout=_number(env, "QUOTA_READ_TIMEOUT_SECONDS", 0.5, minimum=0.001),
     )

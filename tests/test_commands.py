@@ -34,7 +34,8 @@ def environment(storage: str, tmp_path: Path) -> Iterator[tuple[dict[str, str], 
         "UsageStorage": storage,
         "AOAI_BACKENDS": json.dumps([{"name": "east", "endpoint": region.url, "api_key": "backend-secret"}]),
         "KEY_HASH_SECRET": "commands-test",
-        "KEY_CACHE_SECONDS": "0",
+        "KEY_CACHE_SECONDS": "0",  # with no stale answers either, a revoked key is refused at once
+        "KEY_STALE_SECONDS": "0",
     }
     try:
         yield env, region

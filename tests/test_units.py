@@ -5,8 +5,10 @@ from __future__ import annotations
 import email.utils
 import json
 import os
+import re
 import subprocess
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -28,7 +30,19 @@ def test_settings_defaults_and_backends() -> None:
     [backend] = settings.backends
     assert (backend.priority, backend.weight, backend.api_key, backend.deployments) == (1, 1.0, None, None)
     assert settings.max_request_bytes == 32 * 1024 * 1024
+    assert (settings.key_lookup_timeout, settings.key_stale_seconds, settings.quota_read_timeout) == (2, 300, 0.5)
     assert settings.needs_credential  # no api_key: Entra ID
+
+
+def test_sample_settings_and_readme_state_the_defaults() -> None:
+    """local.settings.sample.json and the README's settings table give the defaults load_settings uses."""
+    values = json.loads((PROJECT / "local.settings.sample.json").read_text())["Values"]
+    defaults = load_settings({name: values[name] for name in ("AOAI_BACKENDS", "UsageStorage")})
+    assert replace(load_settings(values), key_hash_secret=b"") == defaults
+    readme = re.findall(r"^\| `([A-Z_]+)` \| ([0-9.]+) ", (PROJECT / "README.md").read_text(), re.MULTILINE)
+    assert len(readme) > 10
+    for name, default in readme:
+        assert float(values[name]) == float(default), name
 
 
 @pytest.mark.parametrize(("env", "named"), [
@@ -41,6 +55,9 @@ def test_settings_defaults_and_backends() -> None:
     ({"AOAI_BACKENDS": ONE}, "UsageStorage"),
     ({"AOAI_BACKENDS": ONE, **STORAGE, "MAX_ATTEMPTS": "zero"}, "MAX_ATTEMPTS"),
     ({"AOAI_BACKENDS": ONE, **STORAGE, "CONNECT_TIMEOUT_SECONDS": "-1"}, "CONNECT_TIMEOUT_SECONDS"),
+    ({"AOAI_BACKENDS": ONE, **STORAGE, "KEY_LOOKUP_TIMEOUT_SECONDS": "0"}, "KEY_LOOKUP_TIMEOUT_SECONDS"),
+    ({"AOAI_BACKENDS": ONE, **STORAGE, "KEY_STALE_SECONDS": "5 minutes"}, "KEY_STALE_SECONDS"),
+    ({"AOAI_BACKENDS": ONE, **STORAGE, "QUOTA_READ_TIMEOUT_SECONDS": "inf"}, "QUOTA_READ_TIMEOUT_SECONDS"),
 ])
 def test_malformed_settings_name_the_setting(env: dict[str, str], named: str) -> None:
     """A missing or malformed setting raises SettingsError naming it."""

@@ -5,9 +5,10 @@ from usage._config import StorageConfig, load_storage_config, read_environment
 from usage._events import MalformedEvent, UsageEvent, decode_event
 from usage._functions import AggregatorRuntime, QueueMessage, aggregate_messages
 from usage._keys import KeyRecord, KeyStore, Limits, hash_key
-from usage._tables import open_table_service
+from usage._tables import STORAGE_ERRORS, bounded, open_table_service
 
 __all__ = [
+    "STORAGE_ERRORS",
     "Aggregator",
     "AggregatorRuntime",
     "BatchResult",
@@ -19,6 +20,7 @@ __all__ = [
     "StorageConfig",
     "UsageEvent",
     "aggregate_messages",
+    "bounded",
     "decode_event",
     "hash_key",
     "load_storage_config",

@@ -28,7 +28,7 @@ from azure.data.tables import (
 )
 from azure.data.tables.aio import TableClient, TableServiceClient
 
-from usage._tables import KEYS_TABLE, as_int, int64
+from usage._tables import KEYS_TABLE, as_int, bounded, int64
 
 PARTITION = "keys"
 KEY_PREFIX = "gw-"
@@ -102,21 +102,28 @@ def _with_limits(entity: dict[str, Any], limits: Limits) -> dict[str, Any]:
 
 
 class KeyStore:
-    """Creates, lists, revokes and looks up subscription keys, with their quotas."""
+    """Creates, lists, revokes and looks up subscription keys, with their quotas.
 
-    def __init__(self, service: TableServiceClient, *, secret: bytes = b"") -> None:
+    ``lookup_timeout`` bounds each attempt of a lookup and allows one retry (see ``bounded``), for
+    lookups made on the request path; without it the SDK's own time-outs and retries apply.
+    """
+
+    def __init__(
+        self, service: TableServiceClient, *, secret: bytes = b"", lookup_timeout: float | None = None
+    ) -> None:
         self._table: TableClient = service.get_table_client(KEYS_TABLE)
         self._service = service
         self._secret = secret
+        self._lookup_options: dict[str, Any] = {} if lookup_timeout is None else bounded(lookup_timeout)
 
     async def ensure_table(self) -> None:
         with contextlib.suppress(ResourceExistsError):
             await self._service.create_table(KEYS_TABLE)
 
-    async def lookup(self, key: str) -> KeyRecord | None:
-        """The record for ``key``, or ``None`` when it is unknown."""
+    async def lookup_hash(self, digest: str) -> KeyRecord | None:
+        """The record of the key whose ``hash_key`` is ``digest``, or ``None`` when it is unknown."""
         try:
-            entity = await self._table.get_entity(PARTITION, "hash-" + hash_key(key, self._secret))
+            entity = await self._table.get_entity(PARTITION, "hash-" + digest, **self._lookup_options)
         except ResourceNotFoundError:
             return None
         return _record(str(entity["Name"]), entity)

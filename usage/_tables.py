@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
+from azure.core.exceptions import AzureError
 from azure.core.pipeline.transport import AioHttpTransport
 from azure.data.tables import EdmType, EntityProperty
 from azure.data.tables.aio import TableServiceClient
@@ -11,10 +13,11 @@ from azure.data.tables.aio import TableServiceClient
 from usage._config import StorageConfig
 
 if TYPE_CHECKING:
-    import aiohttp
     from azure.core.credentials_async import AsyncTokenCredential
 
 KEYS_TABLE = "gatewaykeys"
+#: What a Table call can raise when storage fails: the SDK's errors, the transport's, time-outs.
+STORAGE_ERRORS: tuple[type[Exception], ...] = (AzureError, aiohttp.ClientError, OSError, TimeoutError)
 
 
 def as_int(value: Any) -> int:
@@ -27,6 +30,15 @@ def as_int(value: Any) -> int:
 def int64(value: int) -> EntityProperty:
     """``value`` typed Int64, so counters and quotas may pass 2**31 without changing type."""
     return EntityProperty(value, EdmType.INT64)
+
+
+def bounded(seconds: float) -> dict[str, Any]:
+    """Per-call SDK options for a Table request made on behalf of a client request: connect and read
+    time-outs of ``seconds`` (the SDK's are 300 s) and one immediate retry, for a pooled connection the
+    server had closed (the SDK's default is three, with 0.8 s exponential back-off). The caller still
+    bounds the whole call (``asyncio.timeout``): the SDK counts its time-outs per attempt and per read.
+    """
+    return {"connection_timeout": seconds, "read_timeout": seconds, "retry_total": 1}
 
 
 def open_table_service(
