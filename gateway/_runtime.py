@@ -23,6 +23,7 @@ from gateway._publish import EventTransport, InProcessTransport, ServiceBusTrans
 from gateway._quota import QuotaGuard
 from gateway._records import LoggingSink, TeeSink, UsageSink
 from gateway._settings import Settings, load_settings
+from gateway._timing import Timer
 from usage._aggregate import Aggregator
 from usage._config import STORAGE_SETTING, SettingsError, read_environment
 from usage._keys import KeyStore
@@ -122,7 +123,7 @@ class GatewayRuntime:
             quota=QuotaGuard(tables, cache_seconds=settings.quota_cache_seconds,
                              settle_seconds=settings.quota_settle_seconds, clock=clock, wall_clock=wall_clock),
             sink=TeeSink(*sinks),
-            clock=clock,
+            timer=Timer.on(clock),
             wall_clock=wall_clock,
         )
 

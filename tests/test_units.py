@@ -14,7 +14,7 @@ import pytest
 
 from gateway import SettingsError, load_settings
 from gateway._backends import BackendPool, cooldown_from_headers
-from gateway._proxy import accepts_stream_options
+from gateway._request import accepts_stream_options
 from gateway._sse import StreamRelay
 from tests.harness import PROJECT, FakeClock
 
