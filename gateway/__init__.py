@@ -8,9 +8,11 @@ from gateway._exceptions import (
     NotFound,
     PayloadTooLarge,
     RequestError,
+    RequestTimedOut,
     SettingsError,
     Unauthorized,
     UpstreamFailed,
+    UpstreamTimedOut,
 )
 from gateway._functions import not_routed, proxy_request
 from gateway._records import LoggingSink, Usage, UsageRecord, UsageSink
@@ -28,10 +30,12 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "RequestError",
+    "RequestTimedOut",
     "Settings",
     "SettingsError",
     "Unauthorized",
     "UpstreamFailed",
+    "UpstreamTimedOut",
     "Usage",
     "UsageRecord",
     "UsageSink",

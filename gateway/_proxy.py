@@ -1,4 +1,4 @@
-"""The request path: authenticate, validate, pick a backend, fail over, relay, record usage."""
+"""The request path: authenticate, admit, forward (``_failover``), relay, record usage; the request is read in ``_request``."""
 
 from __future__ import annotations
 
