@@ -1,4 +1,4 @@
-"""The request path: authenticate, admit, forward (``_failover``), relay, record usage; the request is read in ``_request``."""
+"""The request path: authenticate, admit, forward (``_failover``), relay, record usage (read: ``_request``)."""
 
 from __future__ import annotations
 
