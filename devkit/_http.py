@@ -107,7 +107,7 @@ class HttpFront:
                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
             ) as response:
                 await send({"type": "http.response.start", "status": response.status,
-                            "headers": [(k, v) for k, v in response.raw_headers if k.lower() not in _HOP_BY_HOP]})
+                            "headers": _response_headers(response.raw_headers)})
                 started = True
                 async for chunk in response.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -117,6 +117,13 @@ class HttpFront:
             log.error("the worker's HTTP server failed the request: %s", exc)
             if not started:
                 await send_error(send, 500, "WorkerUnavailable", "The function host could not reach its worker.")
+
+
+def _response_headers(raw: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes, bytes]]:
+    """The worker's headers for the client: hop-by-hop ones dropped, but a ``connection: close`` is kept
+    (the function wants the client's connection ended, e.g. after refusing a body it did not read)."""
+    return [(k, v) for k, v in raw
+            if k.lower() not in _HOP_BY_HOP or (k.lower() == b"connection" and v.strip().lower() == b"close")]
 
 
 def _body(receive: Receive, done: asyncio.Event, scope: Scope) -> AsyncIterator[bytes] | None:

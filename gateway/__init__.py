@@ -9,9 +9,11 @@ from gateway._exceptions import (
     NotFound,
     PayloadTooLarge,
     RequestError,
+    RequestTimedOut,
     SettingsError,
     Unauthorized,
     UpstreamFailed,
+    UpstreamTimedOut,
 )
 from gateway._functions import not_routed, proxy_request
 from gateway._records import LoggingSink, Usage, UsageRecord, UsageSink
@@ -30,10 +32,12 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "RequestError",
+    "RequestTimedOut",
     "Settings",
     "SettingsError",
     "Unauthorized",
     "UpstreamFailed",
+    "UpstreamTimedOut",
     "Usage",
     "UsageRecord",
     "UsageSink",

@@ -8,11 +8,13 @@
         ├── Unauthorized         401
         ├── NotFound             404
         ├── MethodNotAllowed     405
+        ├── RequestTimedOut      408, the client's body did not arrive within BODY_READ_TIMEOUT_SECONDS
         ├── PayloadTooLarge      413
         ├── QuotaExceeded        429, the caller's own token quota
         ├── NoBackendAvailable   429 (all cooling after throttling) or 503, with Retry-After
         ├── KeyStoreUnavailable  503 with Retry-After, the key could not be checked in time
-        └── UpstreamFailed       502 / 504, every attempt failed without an HTTP answer
+        └── UpstreamFailed       502, every attempt failed without an HTTP answer
+            └── UpstreamTimedOut 504, ... by time-outs, or the request deadline passed
 
 Errors from aiohttp and the Azure SDKs are mapped to these at the edge (``raise ... from exc``).
 """
@@ -27,8 +29,8 @@ from usage._config import SettingsError
 
 __all__ = [
     "BadRequest", "GatewayError", "KeyStoreUnavailable", "MethodNotAllowed", "NoBackendAvailable", "NotFound",
-    "PayloadTooLarge", "QuotaExceeded", "RequestError", "SettingsError", "Unauthorized", "UpstreamFailed",
-    "retry_after_headers",
+    "PayloadTooLarge", "QuotaExceeded", "RequestError", "RequestTimedOut", "SettingsError", "Unauthorized",
+    "UpstreamFailed", "UpstreamTimedOut", "retry_after_headers",
 ]
 
 
@@ -82,6 +84,16 @@ class MethodNotAllowed(RequestError):
     code = "MethodNotAllowed"
 
 
+class RequestTimedOut(RequestError):
+    """The client's body took too long; the connection is closed after the answer (RFC 9110 15.5.9)."""
+
+    status = 408
+    code = "RequestTimeout"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"connection": "close"})
+
+
 class PayloadTooLarge(RequestError):
     status = 413
     code = "RequestEntityTooLarge"
@@ -131,3 +143,8 @@ class KeyStoreUnavailable(RequestError):
 class UpstreamFailed(RequestError):
     status = 502
     code = "BadGateway"
+
+
+class UpstreamTimedOut(UpstreamFailed):
+    status = 504
+    code = "GatewayTimeout"

@@ -27,6 +27,7 @@ from gateway._publish import EventTransport, InProcessTransport, ServiceBusTrans
 from gateway._quota import QuotaGuard, TableUsage
 from gateway._records import LoggingSink, TeeSink, UsageSink
 from gateway._settings import Settings, load_settings
+from gateway._timing import Timer
 from usage._aggregate import Aggregator
 from usage._config import STORAGE_SETTING, SettingsError
 from usage._keys import KeyStore
@@ -160,7 +161,7 @@ class GatewayRuntime:
             tokens=None if credential is None else TokenProvider(credential, wall_clock=wall_clock),
             quota=quota,
             sink=TeeSink(*sinks),
-            clock=clock,
+            timer=Timer.on(clock),
             wall_clock=wall_clock,
         )
 

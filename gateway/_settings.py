@@ -33,6 +33,10 @@ class BackendConfig:
     api_key: str | None = field(default=None, repr=False)
     #: gateway deployment name -> the backend's own name; ``None`` serves every deployment as named.
     deployments: Mapping[str, str] | None = None
+    #: seconds to wait for this backend's response headers; ``None``: ``RESPONSE_TIMEOUT_SECONDS``
+    response_timeout: float | None = None
+    #: gateway deployment name -> seconds to wait for its response headers here, over ``response_timeout``
+    deployment_timeouts: Mapping[str, float] | None = None
 
     def serves(self, deployment: str) -> bool:
         return self.deployments is None or deployment in self.deployments
@@ -41,6 +45,12 @@ class BackendConfig:
         if self.deployments is None:
             return deployment
         return self.deployments[deployment]
+
+    def response_timeout_for(self, deployment: str, *, default: float) -> float:
+        """How long to wait for response headers: the deployment's setting, else the backend's, else ``default``."""
+        if self.deployment_timeouts is not None and deployment in self.deployment_timeouts:
+            return self.deployment_timeouts[deployment]
+        return default if self.response_timeout is None else self.response_timeout
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,11 +92,12 @@ class Settings:
     connect_timeout: float = 5.0
     response_timeout: float = 120.0
     stream_idle_timeout: float = 120.0
-    request_deadline: float = 300.0
+    request_deadline: float = 220.0  # Azure's front end ends a request unanswered after 230 s
     max_attempts: int = 4
     default_cooldown: float = 10.0
     failure_cooldown: float = 5.0
     max_request_bytes: int = 32 * 1024 * 1024
+    body_read_timeout: float = 30.0
     service_bus: ServiceBusConfig | None = None
     usage_buffer_size: int = 10_000
     quota_cache_seconds: float = 5.0
@@ -125,11 +136,56 @@ def _integer(env: Mapping[str, str], name: str, default: int, *, minimum: int = 
     return value
 
 
+def _seconds(value: Any, where: str) -> float:
+    """A time-out from ``AOAI_BACKENDS``: a finite number of seconds > 0."""
+    if (not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value)
+            or not value > 0):
+        raise SettingsError("AOAI_BACKENDS", f"{where} must be a number of seconds > 0, not {value!r}")
+    return float(value)
+
+
+def _deployments(raw: Any, where: str) -> tuple[dict[str, str] | None, dict[str, float]]:
+    """``deployments``: a list of names, or an object mapping our name to the backend's own name
+    or to ``{"name": ..., "response_timeout_seconds": ...}``; and the time-outs it sets."""
+    where = f"{where}.deployments"
+    timeouts: dict[str, float] = {}
+    if raw is None:
+        return None, timeouts
+    if isinstance(raw, list):
+        deployments = {d: d for d in raw if isinstance(d, str)}
+        if len(deployments) != len(raw):
+            raise SettingsError("AOAI_BACKENDS", f"{where} must list names")
+    elif isinstance(raw, dict):
+        deployments = {}
+        for ours, target in raw.items():
+            if isinstance(target, dict):
+                unknown = set(target) - {"name", "response_timeout_seconds"}
+                if unknown:
+                    raise SettingsError("AOAI_BACKENDS", f"{where}.{ours} has unknown field(s) {sorted(unknown)}")
+                target_name = target.get("name", ours)
+                if target.get("response_timeout_seconds") is not None:
+                    timeouts[ours] = _seconds(target["response_timeout_seconds"],
+                                              f"{where}.{ours}.response_timeout_seconds")
+            else:
+                target_name = target
+            if not isinstance(target_name, str):
+                raise SettingsError("AOAI_BACKENDS", f"{where} must map names to names or to "
+                                    '{"name": ..., "response_timeout_seconds": ...}')
+            deployments[ours] = target_name
+    else:
+        raise SettingsError("AOAI_BACKENDS", f"{where} must be a list or an object")
+    for ours, theirs in deployments.items():
+        if not (is_deployment_name(ours) and is_deployment_name(theirs)):
+            raise SettingsError("AOAI_BACKENDS", f"{where} has a name that is not plain: {ours!r}")
+    return deployments, timeouts
+
+
 def _backend(item: Any, index: int) -> BackendConfig:
     where = f"AOAI_BACKENDS[{index}]"
     if not isinstance(item, dict):
         raise SettingsError("AOAI_BACKENDS", f"{where} must be an object")
-    unknown = set(item) - {"name", "endpoint", "priority", "weight", "api_key", "deployments"}
+    unknown = set(item) - {"name", "endpoint", "priority", "weight", "api_key", "deployments",
+                           "response_timeout_seconds"}
     if unknown:
         raise SettingsError("AOAI_BACKENDS", f"{where} has unknown field(s) {sorted(unknown)}")
     name = item.get("name")
@@ -148,26 +204,10 @@ def _backend(item: Any, index: int) -> BackendConfig:
     api_key = item.get("api_key")
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise SettingsError("AOAI_BACKENDS", f"{where}.api_key must be a non-empty string")
-    raw = item.get("deployments")
-    deployments: dict[str, str] | None
-    if raw is None:
-        deployments = None
-    elif isinstance(raw, list):
-        deployments = {d: d for d in raw if isinstance(d, str)}
-        if len(deployments) != len(raw):
-            raise SettingsError("AOAI_BACKENDS", f"{where}.deployments must list names")
-    elif isinstance(raw, dict):
-        deployments = {str(k): v for k, v in raw.items() if isinstance(v, str)}
-        if len(deployments) != len(raw):
-            raise SettingsError("AOAI_BACKENDS", f"{where}.deployments must map names to names")
-    else:
-        raise SettingsError("AOAI_BACKENDS", f"{where}.deployments must be a list or an object")
-    if deployments is not None:
-        for ours, theirs in deployments.items():
-            if not (is_deployment_name(ours) and is_deployment_name(theirs)):
-                raise SettingsError(
-                    "AOAI_BACKENDS", f"{where}.deployments has a name that is not plain: {ours!r}"
-                )
+    response_timeout = item.get("response_timeout_seconds")
+    if response_timeout is not None:
+        response_timeout = _seconds(response_timeout, f"{where}.response_timeout_seconds")
+    deployments, timeouts = _deployments(item.get("deployments"), where)
     return BackendConfig(
         name=name.strip(),
         endpoint=endpoint.rstrip("/"),  # type: ignore[union-attr]
@@ -175,6 +215,8 @@ def _backend(item: Any, index: int) -> BackendConfig:
         weight=float(weight),
         api_key=api_key,
         deployments=None if deployments is None else MappingProxyType(deployments),
+        response_timeout=response_timeout,
+        deployment_timeouts=MappingProxyType(timeouts) if timeouts else None,
     )
 
 
@@ -206,11 +248,12 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         connect_timeout=_number(env, "CONNECT_TIMEOUT_SECONDS", 5.0, minimum=0.001),
         response_timeout=_number(env, "RESPONSE_TIMEOUT_SECONDS", 120.0, minimum=0.001),
         stream_idle_timeout=_number(env, "STREAM_IDLE_TIMEOUT_SECONDS", 120.0, minimum=0.001),
-        request_deadline=_number(env, "REQUEST_DEADLINE_SECONDS", 300.0, minimum=0.001),
+        request_deadline=_number(env, "REQUEST_DEADLINE_SECONDS", 220.0, minimum=0.001),
         max_attempts=_integer(env, "MAX_ATTEMPTS", 4),
         default_cooldown=_number(env, "DEFAULT_COOLDOWN_SECONDS", 10.0),
         failure_cooldown=_number(env, "FAILURE_COOLDOWN_SECONDS", 5.0),
         max_request_bytes=_integer(env, "MAX_REQUEST_BYTES", 32 * 1024 * 1024),
+        body_read_timeout=_number(env, "BODY_READ_TIMEOUT_SECONDS", 30.0, minimum=0.001),
         service_bus=load_service_bus(env),
         usage_buffer_size=_integer(env, "USAGE_BUFFER_SIZE", 10_000),
         quota_cache_seconds=_number(env, "QUOTA_CACHE_SECONDS", 5.0),

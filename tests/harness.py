@@ -144,8 +144,13 @@ def _backend_json(backend: BackendConfig) -> dict[str, Any]:
                                 "weight": backend.weight}
     if backend.api_key is not None:
         document["api_key"] = backend.api_key
+    if backend.response_timeout is not None:
+        document["response_timeout_seconds"] = backend.response_timeout
     if backend.deployments is not None:
-        document["deployments"] = dict(backend.deployments)
+        timeouts = backend.deployment_timeouts or {}
+        document["deployments"] = {
+            ours: {"name": theirs, "response_timeout_seconds": timeouts[ours]} if ours in timeouts else theirs
+            for ours, theirs in backend.deployments.items()}
     return document
 
 
@@ -171,6 +176,7 @@ SETTING_WRITERS: dict[str, Callable[[Any], dict[str, str]]] = {
     "default_cooldown": lambda v: {"DEFAULT_COOLDOWN_SECONDS": _seconds(v)},
     "failure_cooldown": lambda v: {"FAILURE_COOLDOWN_SECONDS": _seconds(v)},
     "max_request_bytes": lambda v: {"MAX_REQUEST_BYTES": str(v)},
+    "body_read_timeout": lambda v: {"BODY_READ_TIMEOUT_SECONDS": _seconds(v)},
     "service_bus": lambda v: {} if v is None else {
         "USAGE_QUEUE_NAME": v.queue,
         **({"ServiceBusConnection": v.connection_string} if v.connection_string is not None

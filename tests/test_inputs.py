@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import select
+import socket
+import uuid
 from collections.abc import Iterator
 
 import openai
 import pytest
 
-from tests.harness import Gateway, backend_key, http, running_gateway
+from tests.harness import Gateway, RawResponse, backend_key, http, running_gateway
 from usage import KeyStore, open_table_service
 
 CHAT = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
@@ -134,3 +137,102 @@ def test_hostile_bodies_get_400_not_500(gateway: Gateway) -> None:
                     body=surrogate)
     assert response.status == 200  # re-serialised with the gateway's stream_options, escapes intact
     assert gateway.eastus.received[-1].body["messages"][0]["content"] == "\ud800"
+
+
+KEY_SPELLINGS = ["api-key", "API-Key", "api-%6Bey", "api-%256Bey", "api%252Dkey", "api-key%00", "api+key",
+                 "subscription-key", "Ocp-Apim-Subscription-Key", "subscription_key", "key", "code"]
+
+
+def test_query_key_is_never_forwarded_however_encoded(gateway: Gateway) -> None:
+    """A key in the query is dropped in any spelling, encoded or double-encoded; other pairs arrive intact."""
+    for name in KEY_SPELLINGS:
+        response = http("POST", f"{gateway.url}{CHAT}&{name}={gateway.key}&note=a%3Bb%00%FF%zz",
+                        headers={"api-key": gateway.key, "content-type": "application/json"}, body=GOOD)
+        assert response.status == 200, (name, response.text)
+        seen = gateway.eastus.received[-1]
+        assert gateway.key not in json.dumps(seen.query) + seen.path, name
+        assert seen.query == {"api-version": "2024-10-21", "note": "a;b\x00\ufffd%zz"}, name
+
+
+QUOTA_DODGES = [
+    b'{"max_tokens": 5000, "max_completion_tokens": null}',
+    b'{"max_completion_tokens": 5000, "max_tokens": null}',
+    b'{"max_tokens": 5000, "max_completion_tokens": 10}',
+    b'{"max_tokens": 10, "max_completion_tokens": 5000}',
+    b'{"max_tokens": 2000, "n": 3}',
+]
+BAD_CAPS = [b'{"max_tokens": 5000.0}', b'{"max_tokens": -1}', b'{"max_completion_tokens": true}',
+            b'{"max_completion_tokens": "5000"}', b'{"max_tokens": 10, "n": 0}']
+
+
+def test_token_caps_cannot_dodge_the_quota(gateway: Gateway) -> None:
+    """The largest cap a body sets is reserved (null is not set); a cap that is not a whole number is a 400."""
+    from usage._keys import Limits
+
+    key = gateway.create_key(f"team-{uuid.uuid4().hex[:8]}", Limits(tokens_per_minute=1000))
+    headers = {"api-key": key, "content-type": "application/json"}
+    messages = b'"messages": [{"role": "user", "content": "hi"}], '
+    for caps in QUOTA_DODGES:
+        response = http("POST", gateway.url + CHAT, headers=headers, body=b"{" + messages + caps[1:])
+        assert response.status == 400, (caps, response.text)
+        assert response.json()["error"]["code"] == "QuotaTooSmall"
+    for caps in BAD_CAPS:
+        response = http("POST", gateway.url + CHAT, headers=headers, body=b"{" + messages + caps[1:])
+        assert response.status == 400, (caps, response.text)
+        error = response.json()["error"]
+        assert error["code"] == "InvalidRequestBody" and "whole number" in error["message"]
+    assert gateway.eastus.received == [] and gateway.westus.received == []
+    fits = http("POST", gateway.url + CHAT, headers=headers, body=b"{" + messages + b'"max_tokens": 100}')
+    assert fits.status == 200
+
+
+def test_bodies_not_in_utf8_get_400_naming_the_encoding(gateway: Gateway) -> None:
+    """UTF-16 and Latin-1 bodies are refused before anything is spliced into them; a UTF-8 BOM is dropped."""
+    document = {"messages": [{"role": "user", "content": "café"}], "stream": True}
+    headers = {"api-key": gateway.key, "content-type": "application/json"}
+    text = json.dumps(document, ensure_ascii=False)
+    for encoding, named in (("utf-16", "UTF-16"), ("utf-16-le", "UTF-16"), ("latin-1", "not valid UTF-8")):
+        response = http("POST", gateway.url + CHAT, headers=headers, body=text.encode(encoding))
+        assert response.status == 400, (encoding, response.text)
+        error = response.json()["error"]
+        assert error["code"] == "UnsupportedEncoding" and named in error["message"] and "UTF-8" in error["message"]
+    assert gateway.eastus.received == []
+    response = http("POST", gateway.url + CHAT, headers=headers, body=b"\xef\xbb\xbf" + text.encode())
+    assert response.status == 200 and response.text.endswith("data: [DONE]\n\n")
+    assert gateway.eastus.received[-1].body == {**document, "stream_options": {"include_usage": True}}
+
+
+def send_slowly(gw: Gateway, body: bytes, *, bytes_per_second: int) -> tuple[int, RawResponse]:
+    """POST ``body`` over a raw socket, ``bytes_per_second`` per second of the gateway's clock
+    (0: it goes silent after its first byte); the clock seconds it took, and the answer."""
+    host, port = gw.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"POST {CHAT} HTTP/1.1\r\nhost: gateway\r\napi-key: {gw.key}\r\n"
+                     f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body[:1])
+        sent, seconds = 1, 0
+        while not select.select([sock], [], [], 0.02)[0]:
+            assert seconds < 100, "no answer"
+            sock.sendall(body[sent:sent + bytes_per_second])
+            sent += bytes_per_second
+            gw.clock.advance(1)
+            seconds += 1
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, payload = received.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return seconds, RawResponse(int(status_line.split()[1]), headers, payload)
+
+
+@pytest.mark.parametrize("bytes_per_second", [1, 0], ids=["1 byte a second", "silent"])
+def test_slow_body_gets_408_after_the_body_read_timeout(gateway: Gateway, bytes_per_second: int) -> None:
+    """A body that trickles in or stops gets 408 once BODY_READ_TIMEOUT_SECONDS pass; the gateway serves on."""
+    body = json.dumps({"messages": [{"role": "user", "content": "x" * 200}]}).encode()
+    seconds, response = send_slowly(gateway, body, bytes_per_second=bytes_per_second)
+    assert response.status == 408
+    assert response.json()["error"]["code"] == "RequestTimeout"
+    assert response.headers["connection"] == "close"
+    assert seconds >= 30  # never before the limit (a few more: the clock moved before the read began)
+    assert gateway.eastus.received == []
+    assert http("POST", gateway.url + CHAT, headers={"api-key": gateway.key}, body=GOOD).status == 200

@@ -203,16 +203,6 @@ def test_5xx_fails_over(gateway: Gateway) -> None:
     assert raw.headers["x-gateway-backend"] == "westus"
 
 
-def test_response_timeout_fails_over(storage: str) -> None:
-    """A region that never sends its headers is abandoned after RESPONSE_TIMEOUT_SECONDS."""
-    from tests.harness import running_gateway
-
-    with running_gateway(storage, response_timeout=0.3) as gw:
-        gw.eastus.fail_next("hang")
-        raw = azure_client(gw).chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES)
-        assert raw.headers["x-gateway-backend"] == "westus"
-
-
 def test_refused_connection_fails_over(storage: str) -> None:
     """A region that refuses connections is skipped."""
     from devkit.services import free_port
@@ -306,28 +296,3 @@ def test_deployment_names_are_mapped_per_backend(storage: str) -> None:
         with pytest.raises(openai.NotFoundError) as caught:
             azure_client(gw).chat.completions.create(model="unknown", messages=MESSAGES)
         assert caught.value.response.json()["error"]["code"] == "DeploymentNotFound"
-
-
-def test_stalled_stream_is_ended_after_the_idle_timeout(storage: str) -> None:
-    """A stream that goes silent is closed after STREAM_IDLE_TIMEOUT_SECONDS with an in-stream error."""
-    from tests.harness import running_gateway
-
-    with running_gateway(storage, stream_idle_timeout=0.5, response_timeout=5.0) as gw:
-        gw.eastus.fail_next("stall")
-        stream = azure_client(gw).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
-        started = time.monotonic()
-        with pytest.raises(openai.APIError, match="broke off"):
-            list(stream)
-        assert time.monotonic() - started < 4
-        [record] = gw.sink.wait(1)
-        assert record.outcome == "upstream_cut" and record.usage_source == "estimated"
-
-
-def test_slow_headers_are_not_cut_by_the_stream_idle_timeout(storage: str) -> None:
-    """A non-streaming answer that takes longer than the idle timeout still arrives (headers wait is separate)."""
-    from tests.harness import running_gateway
-
-    with running_gateway(storage, stream_idle_timeout=0.2, response_timeout=5.0) as gw:
-        gw.eastus.first_chunk_delay = 0.6  # the simulator answers non-streaming requests after this too
-        raw = azure_client(gw).chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES)
-        assert raw.headers["x-gateway-backend"] == "eastus" and len(gw.westus.received) == 0

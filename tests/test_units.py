@@ -16,7 +16,7 @@ import pytest
 
 from gateway import SettingsError, load_settings
 from gateway._backends import BackendPool, cooldown_from_headers
-from gateway._proxy import accepts_stream_options
+from gateway._request import accepts_stream_options
 from gateway._sse import StreamRelay
 from tests.harness import PROJECT, FakeClock
 
@@ -58,12 +58,71 @@ def test_sample_settings_and_readme_state_the_defaults() -> None:
     ({"AOAI_BACKENDS": ONE, **STORAGE, "KEY_LOOKUP_TIMEOUT_SECONDS": "0"}, "KEY_LOOKUP_TIMEOUT_SECONDS"),
     ({"AOAI_BACKENDS": ONE, **STORAGE, "KEY_STALE_SECONDS": "5 minutes"}, "KEY_STALE_SECONDS"),
     ({"AOAI_BACKENDS": ONE, **STORAGE, "QUOTA_READ_TIMEOUT_SECONDS": "inf"}, "QUOTA_READ_TIMEOUT_SECONDS"),
+    ({"AOAI_BACKENDS": ONE, **STORAGE, "BODY_READ_TIMEOUT_SECONDS": "0"}, "BODY_READ_TIMEOUT_SECONDS"),
+    ({"AOAI_BACKENDS": ONE, **STORAGE, "BODY_READ_TIMEOUT_SECONDS": "soon"}, "BODY_READ_TIMEOUT_SECONDS"),
+    ({"AOAI_BACKENDS": ONE, **STORAGE, "REQUEST_DEADLINE_SECONDS": "inf"}, "REQUEST_DEADLINE_SECONDS"),
+    *[({"AOAI_BACKENDS": json.dumps([{"name": "a", "endpoint": "https://x", **backend}]), **STORAGE},
+       "AOAI_BACKENDS") for backend in (
+        {"response_timeout_seconds": 0}, {"response_timeout_seconds": -5}, {"response_timeout_seconds": "60"},
+        {"response_timeout_seconds": True}, {"response_timeout_seconds": 1e999},
+        {"deployments": {"o3": {"response_timeout_seconds": 0}}},
+        {"deployments": {"o3": {"response_timeout_seconds": "600"}}},
+        {"deployments": {"o3": {"name": 5}}},
+        {"deployments": {"o3": {"name": "../o3"}}},
+        {"deployments": {"o3": {"timeout": 600}}},
+        {"deployments": {"o3": 600}},
+    )],
 ])
 def test_malformed_settings_name_the_setting(env: dict[str, str], named: str) -> None:
     """A missing or malformed setting raises SettingsError naming it."""
     with pytest.raises(SettingsError) as caught:
         load_settings(env)
     assert caught.value.name == named and named in str(caught.value)
+
+
+def test_bad_response_timeout_names_where_it_is() -> None:
+    """A bad per-deployment time-out names the backend, the deployment and the field."""
+    deployments = {"o3": {"response_timeout_seconds": -1}}
+    backends = json.dumps([{"name": "a", "endpoint": "https://x", "deployments": deployments}])
+    with pytest.raises(SettingsError, match=r"AOAI_BACKENDS\[0\]\.deployments\.o3\.response_timeout_seconds"):
+        load_settings({"AOAI_BACKENDS": backends, **STORAGE})
+
+
+def test_defaults_fit_inside_azure_front_end_limit() -> None:
+    """The request deadline answers before Azure's 230 s cut-off; the body has 30 s to arrive."""
+    settings = load_settings({"AOAI_BACKENDS": ONE, **STORAGE})
+    assert settings.request_deadline == 220 and settings.request_deadline + 10 <= 230
+    assert settings.body_read_timeout == 30
+
+
+@pytest.mark.parametrize(("setting", "field"), [
+    ("REQUEST_DEADLINE_SECONDS", "request_deadline"), ("BODY_READ_TIMEOUT_SECONDS", "body_read_timeout"),
+    ("RESPONSE_TIMEOUT_SECONDS", "response_timeout"), ("STREAM_IDLE_TIMEOUT_SECONDS", "stream_idle_timeout"),
+    ("MAX_ATTEMPTS", "max_attempts"),
+])
+def test_sample_settings_and_readme_give_the_defaults(setting: str, field: str) -> None:
+    """local.settings.sample.json and the README's settings table say what load_settings defaults to."""
+    default = getattr(load_settings({"AOAI_BACKENDS": ONE, **STORAGE}), field)
+    sample = json.loads((PROJECT / "local.settings.sample.json").read_text())["Values"]
+    assert float(sample[setting]) == default
+    readme = (PROJECT / "README.md").read_text()
+    assert f"| `{setting}` | {default:g} |" in readme
+
+
+def test_response_timeouts_per_backend_and_deployment() -> None:
+    """A deployment's time-out wins over its backend's, which wins over RESPONSE_TIMEOUT_SECONDS."""
+    backends = json.dumps([
+        {"name": "east", "endpoint": "https://east", "response_timeout_seconds": 60, "deployments": {
+            "o3": {"name": "o3-east", "response_timeout_seconds": 600}, "gpt-4o": "gpt-4o-east",
+            "o4-mini": {"response_timeout_seconds": 30.5}, "plain": {"name": "plain-east"}}},
+        {"name": "west", "endpoint": "https://west", "deployments": ["o3", "gpt-4o"]},
+    ])
+    east, west = load_settings({"AOAI_BACKENDS": backends, **STORAGE, "RESPONSE_TIMEOUT_SECONDS": "90"}).backends
+    assert [east.upstream_deployment(d) for d in ("o3", "gpt-4o", "o4-mini", "plain")] == [
+        "o3-east", "gpt-4o-east", "o4-mini", "plain-east"]
+    assert [east.response_timeout_for(d, default=90) for d in ("o3", "gpt-4o", "o4-mini", "plain")] == [
+        600, 60, 30.5, 60]
+    assert [west.response_timeout_for(d, default=90) for d in ("o3", "gpt-4o")] == [90, 90]
 
 
 def test_serve_refuses_to_start_on_bad_settings() -> None:
