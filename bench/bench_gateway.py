@@ -1,8 +1,18 @@
-"""Benchmark: the gateway against a fast simulated region, side by side with a direct connection.
+"""Benchmark: the gateway on the real Functions runtime, against the platform's own floor.
 
-Run by hand (``.venv/bin/python bench/bench_gateway.py``); it prints a Markdown table. It starts
-Azurite, simulated regions, a bare aiohttp relay and ``python -m gateway serve`` as separate
-processes on 127.0.0.1, so the gateway's CPU time and memory are its own (read from /proc).
+Run by hand (``.venv/bin/python bench/bench_gateway.py``); it prints a Markdown table. Every target runs
+in processes of its own on 127.0.0.1, read from /proc, so each figure is that process's alone:
+
+- ``direct``: the client talks to the simulated region itself;
+- ``bare relay``: a plain aiohttp relay (one process), for reference;
+- ``floor``: ``bench/floor``, a function app that only relays the stream, served by the local host
+  (``python -m devkit serve``): host and worker processes, as in Azure;
+- ``gateway (in-process usage)`` and ``gateway (Service Bus)``: ``python -m gateway serve``, usage
+  aggregated into Azurite in the worker, or sent to the AMQP test broker.
+
+Targets (checked as ratios within one run): the gateway's worker CPU per stream at most 1.6 x the floor's,
+at 1 and at 20 streams at once, in both usage modes; its added time to first chunk over the floor's at
+most 1 ms at the median at 1 stream.
 """
 
 from __future__ import annotations
@@ -32,6 +42,8 @@ from usage import KeyStore, StorageConfig, open_table_service  # noqa: E402
 BODY = json.dumps({"messages": [{"role": "user", "content": "Say hello"}], "stream": True}).encode()
 PATH = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
 TICKS = os.sysconf("SC_CLK_TCK")
+WORKER_CPU_TARGET = 1.6
+FIRST_CHUNK_TARGET_MS = 1.0
 
 
 def progress(message: str) -> None:
@@ -39,14 +51,15 @@ def progress(message: str) -> None:
 
 
 @contextmanager
-def process(args: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(args, cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def process(args: list[str], port: int, env: dict[str, str] | None = None,
+            cwd: Path = PROJECT) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for_port(port)
+        wait_for_port(port, timeout=90)
         yield proc
     finally:
         proc.terminate()
-        proc.wait(10)
+        proc.wait(30)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -61,11 +74,31 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def worker_of(host_pid: int) -> int:
+    """The local host's worker: its only child process."""
+    children = Path(f"/proc/{host_pid}/task/{host_pid}/children").read_text().split()
+    assert len(children) == 1, f"expected one worker under {host_pid}, found {children}"
+    return int(children[0])
+
+
 @dataclass
-class Run:
+class Target:
+    name: str
+    url: str
+    key: str
+    host: int | None = None  # the process that takes the client's connection
+    worker: int | None = None  # the Functions worker, where there is one
+
+
+@dataclass
+class Row:
+    target: Target
+    concurrency: int
     ttfb: list[float]
     total: list[float]
     wall: float
+    host_cpu_ms: float | None
+    worker_cpu_ms: float | None
 
     def pct(self, values: list[float], q: float) -> float:
         ordered = sorted(values)
@@ -83,85 +116,97 @@ async def one_stream(session: aiohttp.ClientSession, url: str, key: str) -> tupl
     return first, time.perf_counter() - start
 
 
-async def load(url: str, key: str, *, requests: int, concurrency: int) -> Run:
+async def load(target: Target, *, requests: int, concurrency: int, warmup: int) -> Row:
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
-        for _ in range(min(20, requests)):  # warm connections and caches
-            await one_stream(session, url, key)
+        for _ in range(warmup):  # warm connections, caches and the runtime's first-use work
+            await one_stream(session, target.url, target.key)
         queue = iter(range(requests))
         ttfb: list[float] = []
         total: list[float] = []
 
-        async def worker() -> None:
+        async def client() -> None:
             for _ in queue:
-                first, whole = await one_stream(session, url, key)
+                first, whole = await one_stream(session, target.url, target.key)
                 ttfb.append(first)
                 total.append(whole)
 
+        before = {pid: cpu_seconds(pid) for pid in (target.host, target.worker) if pid}
         start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return Run(ttfb, total, time.perf_counter() - start)
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+        spent = {pid: (cpu_seconds(pid) - cpu) * 1000 / requests for pid, cpu in before.items()}
+    return Row(target, concurrency, ttfb, total, wall, spent.get(target.host or -1), spent.get(target.worker or -1))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=400, help="streams per measured run")
     parser.add_argument("--chunks", type=int, default=50, help="content chunks per stream")
-    parser.add_argument("--chunk-delay-ms", type=float, default=0.0,
-                        help="pause between the fast region's chunks (0: as fast as it can write)")
-    parser.add_argument("--open-streams", type=int, default=1000)
-    parser.add_argument("--usage", choices=("servicebus", "inprocess"), default="servicebus",
-                        help="where the gateway sends usage events: the AMQP test broker (as in Azure), or "
-                             "straight to the aggregator in the gateway's process (the local run)")
+    parser.add_argument("--open-streams", type=int, default=500, help="streams held open to measure memory")
     args = parser.parse_args()
     python = sys.executable
     with azurite() as storage, AmqpBroker() as broker:
         key = asyncio.run(make_key(storage))
-        fast_port, slow_port, bare_port, gw_port = free_port(), free_port(), free_port(), free_port()
-        fast = f"http://127.0.0.1:{fast_port}"
-        slow = f"http://127.0.0.1:{slow_port}"
-        env = {**os.environ, "UsageStorage": storage, "KEY_HASH_SECRET": "bench",
-               "AOAI_BACKENDS": json.dumps([
-                   {"name": "fast", "endpoint": fast, "api_key": "k", "deployments": ["gpt-4o"]},
-                   {"name": "slow", "endpoint": slow, "api_key": "k", "deployments": ["slow"]}])}
-        if args.usage == "servicebus":
-            env["ServiceBusConnection"] = broker.connection_string
-        region = [python, "-m", "devkit.simulator", "--api-key", "k", "--chunks", str(args.chunks)]
-        with process([*region, "--port", str(fast_port), "--chunk-delay-ms", str(args.chunk_delay_ms)], fast_port), \
-             process([*region, "--port", str(slow_port), "--chunk-delay-ms", "200"], slow_port), \
-             process([python, "bench/bare_relay.py", str(bare_port), fast, "k"], bare_port) as bare, \
-             process([python, "-m", "gateway", "serve", "--port", str(gw_port), "--log-level", "warning"],
-                     gw_port, env) as gateway:
-            targets = {"direct": (fast, None, "k"), "bare relay": (f"http://127.0.0.1:{bare_port}", bare.pid, key),
-                       "gateway": (f"http://127.0.0.1:{gw_port}", gateway.pid, key)}
-            rows = []
-            for concurrency in (1, 50):
-                for name, (url, pid, secret) in targets.items():
-                    progress(f"{name}: {args.requests} streams at concurrency {concurrency}")
-                    before = cpu_seconds(pid) if pid else 0.0
-                    run = asyncio.run(load(url, secret, requests=args.requests, concurrency=concurrency))
-                    cpu_ms = (cpu_seconds(pid) - before) * 1000 / (args.requests + 20) if pid else None
-                    rows.append((name, concurrency, run, cpu_ms))
-            progress(f"holding {args.open_streams} open streams through the gateway")
-            idle = rss_kib(gateway.pid)
-            memory = asyncio.run(measure_open(f"http://127.0.0.1:{gw_port}", key, args.open_streams, gateway.pid))
-    report(rows, idle, memory, args)
+        region_port, slow_port, bare_port, floor_port = free_port(), free_port(), free_port(), free_port()
+        region, slow = f"http://127.0.0.1:{region_port}", f"http://127.0.0.1:{slow_port}"
+        base = {**os.environ, "PYTHONPATH": str(PROJECT), "AzureWebJobs.aggregate_usage.Disabled": "true"}
+        gateway_env = {**base, "UsageStorage": storage, "KEY_HASH_SECRET": "bench", "USAGE_QUEUE_NAME": "usage-events",
+                       "ServiceBusConnection": "", "AOAI_BACKENDS": json.dumps([
+                           {"name": "fast", "endpoint": region, "api_key": "k", "deployments": ["gpt-4o"]},
+                           {"name": "slow", "endpoint": slow, "api_key": "k", "deployments": ["slow"]}])}
+        simulator = [python, "-m", "devkit.simulator", "--api-key", "k", "--chunks", str(args.chunks)]
+        with process([*simulator, "--port", str(region_port), "--chunk-delay-ms", "0"], region_port), \
+             process([*simulator, "--port", str(slow_port), "--chunk-delay-ms", "200"], slow_port), \
+             process([python, "bench/bare_relay.py", str(bare_port), region, "k"], bare_port) as bare, \
+             process([python, "-m", "devkit", "serve", "--port", str(floor_port), "--log-level", "warning"],
+                     floor_port, {**base, "FLOOR_UPSTREAM": region, "FLOOR_API_KEY": "k"},
+                     cwd=PROJECT / "bench/floor") as floor:
+            targets = [Target("direct", region, "k"), Target("bare relay", f"http://127.0.0.1:{bare_port}", key,
+                                                              host=bare.pid),
+                       Target("floor", f"http://127.0.0.1:{floor_port}", key, floor.pid, worker_of(floor.pid))]
+            rows = measure(targets, args)
+            memory = {}
+            for mode, extra in (("in-process usage", {}),
+                                ("Service Bus", {"ServiceBusConnection": broker.connection_string})):
+                port = free_port()
+                with process([python, "-m", "gateway", "serve", "--port", str(port), "--log-level", "warning"], port,
+                             {**gateway_env, **extra}) as gateway:
+                    target = Target(f"gateway ({mode})", f"http://127.0.0.1:{port}", key, gateway.pid,
+                                    worker_of(gateway.pid))
+                    rows += measure([target], args)
+                    if mode == "in-process usage":
+                        progress(f"holding {args.open_streams} open streams through the gateway")
+                        memory = asyncio.run(measure_open(target, args.open_streams))
+    report(rows, memory, args)
 
 
-async def measure_open(url: str, key: str, count: int, pid: int) -> int:
+def measure(targets: list[Target], args: argparse.Namespace) -> list[Row]:
+    rows = []
+    for concurrency in (1, 20):
+        for target in targets:
+            progress(f"{target.name}: {args.requests} streams at concurrency {concurrency}")
+            rows.append(asyncio.run(load(target, requests=args.requests, concurrency=concurrency, warmup=30)))
+    return rows
+
+
+async def measure_open(target: Target, count: int) -> dict[str, int]:
+    assert target.worker is not None and target.host is not None
     path = PATH.replace("gpt-4o", "slow")
+    idle = {"worker": rss_kib(target.worker), "host": rss_kib(target.host)}
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     responses = []
     try:
         for index in range(0, count, 100):
-            batch = await asyncio.gather(*(session.post(url + path, data=BODY, headers={
-                "api-key": key, "content-type": "application/json"}) for _ in range(min(100, count - index))))
+            batch = await asyncio.gather(*(session.post(target.url + path, data=BODY, headers={
+                "api-key": target.key, "content-type": "application/json"}) for _ in range(min(100, count - index))))
             for response in batch:
                 assert response.status == 200
                 await response.content.readany()
             responses.extend(batch)
         await asyncio.sleep(0.5)
-        return rss_kib(pid)
+        return {"worker idle": idle["worker"], "host idle": idle["host"], "worker open": rss_kib(target.worker),
+                "host open": rss_kib(target.host)}
     finally:
         for response in responses:
             response.close()
@@ -173,24 +218,43 @@ async def make_key(storage: str) -> str:
         return await KeyStore(service, secret=b"bench").create("bench")
 
 
-def report(rows: list[tuple[str, int, Run, float | None]], idle: int, open_rss: int, args: argparse.Namespace) -> None:
-    print(f"\n{args.requests} streams of {args.chunks} chunks per run, {args.chunk_delay_ms} ms between chunks, "
-          f"simulated region on 127.0.0.1, usage events: {args.usage}\n")
-    print("| path | streams at once | first chunk p50 / p95 / p99 (ms) | total p50 / p95 / p99 (ms) "
-          "| streams/s | CPU per stream (ms) |")
-    print("|---|---:|---|---|---:|---:|")
-    for name, concurrency, run, cpu in rows:
-        first = " / ".join(f"{run.pct(run.ttfb, q):.2f}" for q in (0.5, 0.95, 0.99))
-        total = " / ".join(f"{run.pct(run.total, q):.2f}" for q in (0.5, 0.95, 0.99))
-        print(f"| {name} | {concurrency} | {first} | {total} | {len(run.total) / run.wall:.0f} | "
-              f"{'-' if cpu is None else f'{cpu:.2f}'} |")
-    direct = {c: statistics.median(r.ttfb) for n, c, r, _ in rows if n == "direct"}
-    added = {c: (statistics.median(r.ttfb) - direct[c]) * 1000 for n, c, r, _ in rows if n == "gateway"}
-    print("\nAdded time to first chunk (gateway - direct, median): "
-          + ", ".join(f"{v:.2f} ms at {c} stream(s)" for c, v in added.items()))
-    per_stream = (open_rss - idle) / args.open_streams
-    print(f"Memory: {idle / 1024:.0f} MiB idle, {open_rss / 1024:.0f} MiB with {args.open_streams} open streams: "
-          f"{per_stream:.1f} KiB per open stream")
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def report(rows: list[Row], memory: dict[str, int], args: argparse.Namespace) -> None:
+    print(f"\n{args.requests} streams of {args.chunks} chunks per run, simulated region on 127.0.0.1, "
+          f"Python {sys.version.split()[0]}\n")
+    print("| path | streams at once | first chunk p50 / p95 (ms) | total p50 / p95 (ms) | streams/s "
+          "| host CPU per stream (ms) | worker CPU per stream (ms) |")
+    print("|---|---:|---|---|---:|---:|---:|")
+    for row in rows:
+        first = " / ".join(f"{row.pct(row.ttfb, q):.2f}" for q in (0.5, 0.95))
+        total = " / ".join(f"{row.pct(row.total, q):.2f}" for q in (0.5, 0.95))
+        print(f"| {row.target.name} | {row.concurrency} | {first} | {total} | {len(row.total) / row.wall:.0f} | "
+              f"{_ms(row.host_cpu_ms)} | {_ms(row.worker_cpu_ms)} |")
+    floor = {r.concurrency: r for r in rows if r.target.name == "floor"}
+    print("\n| gateway | streams at once | worker CPU / floor's (target <= 1.6) | added first chunk over the floor, "
+          "median (ms; target <= 1 at 1 stream) |")
+    print("|---|---:|---:|---:|")
+    for row in rows:
+        if not row.target.name.startswith("gateway"):
+            continue
+        base = floor[row.concurrency]
+        assert row.worker_cpu_ms is not None and base.worker_cpu_ms is not None
+        ratio = row.worker_cpu_ms / base.worker_cpu_ms
+        added = (statistics.median(row.ttfb) - statistics.median(base.ttfb)) * 1000
+        verdict = "ok" if ratio <= WORKER_CPU_TARGET else "OVER"
+        first = f"{added:.2f}"
+        if row.concurrency == 1:
+            first += " ok" if added <= FIRST_CHUNK_TARGET_MS else " OVER"
+        print(f"| {row.target.name} | {row.concurrency} | {ratio:.2f} {verdict} | {first} |")
+    if memory:
+        per_stream = (memory["worker open"] - memory["worker idle"] + memory["host open"] - memory["host idle"])
+        print(f"\nMemory with {args.open_streams} open streams through the gateway: worker "
+              f"{memory['worker idle'] / 1024:.0f} -> {memory['worker open'] / 1024:.0f} MiB, host "
+              f"{memory['host idle'] / 1024:.0f} -> {memory['host open'] / 1024:.0f} MiB: "
+              f"{per_stream / args.open_streams:.1f} KiB per open stream (both processes)")
 
 
 if __name__ == "__main__":

@@ -126,15 +126,23 @@ class UsagePublisher:
             if self._linger and len(self._buffer) < self._batch_size:
                 await self._sleep(self._linger)  # gather a batch: one send per burst, not per request
             self._wakeup.clear()
-            while self._buffer:
-                if await self._send_one_batch():
+            # send what gathered; events arriving meanwhile wait for a linger of their own, or a stream of
+            # requests would keep the sender busy with one small send after another
+            due = len(self._buffer)
+            while due > 0 and self._buffer:
+                size = min(self._batch_size, due, len(self._buffer))
+                if await self._send_one_batch(size):
+                    due -= size
                     backoff = self._initial_backoff
                 else:
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, self._max_backoff)
+            if self._buffer:
+                self._wakeup.set()
 
-    async def _send_one_batch(self) -> bool:
-        batch = [self._buffer.popleft() for _ in range(min(self._batch_size, len(self._buffer)))]
+    async def _send_one_batch(self, size: int | None = None) -> bool:
+        count = min(self._batch_size, len(self._buffer)) if size is None else size
+        batch = [self._buffer.popleft() for _ in range(count)]
         try:
             await self._transport.send([(r.request_id, encode_event(r)) for r in batch])
         except asyncio.CancelledError:  # shutdown in the middle of a send: close() sends them again

@@ -108,3 +108,42 @@ async def test_close_during_a_send_loses_nothing() -> None:
     await asyncio.wait_for(transport.started.wait(), 5)
     await asyncio.wait_for(publisher.close(flush_seconds=2), 5)
     assert [event_id for event_id, _ in transport.delivered] == ["req-00000001"]
+
+
+class SlowTransport:
+    """Each send takes a while, during which the test emits more events."""
+
+    def __init__(self, during_send: object) -> None:
+        self.batches: list[int] = []
+        self.during_send = during_send
+
+    async def send(self, events: Sequence[tuple[str, bytes]]) -> None:
+        self.batches.append(len(events))
+        self.during_send()  # type: ignore[operator]
+        await asyncio.sleep(0)
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_events_arriving_during_a_send_wait_for_their_own_linger() -> None:
+    """A steady trickle of requests costs one send per linger, not one small send after another."""
+    lingers: list[float] = []
+    emitted = iter(range(1, 1000))
+
+    async def sleep(seconds: float) -> None:
+        lingers.append(seconds)
+        await asyncio.sleep(0)
+
+    publishers: list[UsagePublisher] = []
+    transport = SlowTransport(lambda: publishers[0].emit(record(next(emitted))))  # one new event per send
+    publisher = UsagePublisher(transport, linger=0.25, sleep=sleep)
+    publishers.append(publisher)
+    publisher.start()
+    publisher.emit(record(0))
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert transport.batches and len(lingers) == len(transport.batches)  # each send came after a linger
+    assert set(lingers) == {0.25}
+    transport.during_send = lambda: None
+    await publisher.close()
