@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 #: how long the publisher gathers events before one send: to Service Bus, or (the local run) straight into
 #: the tables, where a report a second later must already show the request
 SERVICE_BUS_LINGER = 0.5
-IN_PROCESS_LINGER = 0.25
+IN_PROCESS_LINGER = 0.5
 #: on SIGTERM, how long the buffered usage events may take to go out before the process ends
 SIGTERM_FLUSH_SECONDS = 5.0
 

@@ -25,13 +25,12 @@ def partition_key(key_name: str, when: datetime) -> str:
     return f"{when:%Y-%m}|{key_name}"
 
 
+_PERIOD_LENGTH = {"month": 7, "day": 10, "hour": 13, "minute": 16}  # of "YYYY-MM-DDTHH:MM"
+
+
 def period_start(period: str, when: datetime) -> str:
-    return {
-        "month": f"{when:%Y-%m}",
-        "day": f"{when:%Y-%m-%d}",
-        "hour": f"{when:%Y-%m-%dT%H}",
-        "minute": f"{when:%Y-%m-%dT%H:%M}",
-    }[period]
+    """``when``'s period as the row keys spell it: ``2026-11``, ``2026-11-30``, ``2026-11-30T08``, ``…T08:15``."""
+    return when.isoformat()[:_PERIOD_LENGTH[period]]
 
 
 def counter_row(period: str, when: datetime, deployment: str) -> str:
