@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -125,7 +126,8 @@ def test_quota_and_report_commands(environment: tuple[dict[str, str], SimulatedR
                                                        messages=[{"role": "user", "content": "hi"}]).usage
             assert usage is not None
             totals.append(usage.total_tokens)
-        # the local run counts in process, at once: the report already shows both requests
+        # the local run counts in process after a short linger: a report a second later shows both requests
+        time.sleep(1.0)
         report = run(["-m", "usage", "report", "--key", "quota-team", "--format", "json"], env, tmp_path)
     finally:
         server.send_signal(signal.SIGINT)
