@@ -240,3 +240,27 @@ def test_usage_event_round_trips_from_gateway_to_aggregator() -> None:
     shared = {f.name for f in fields(event)} - {"event_id", "time"}
     assert {name: getattr(event, name) for name in shared} == {name: getattr(record, name) for name in shared}
     assert event.estimated
+
+
+def test_deployed_code_never_imports_development_machinery() -> None:
+    """What Azure runs (function_app.py, gateway/, usage/) imports neither devkit nor tests; bench not tests."""
+    import ast
+
+    def imports(path: Path) -> set[str]:
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module.split(".")[0])
+        return found
+
+    deployed = [PROJECT / "function_app.py", *(PROJECT / "gateway").glob("*.py"), *(PROJECT / "usage").glob("*.py")]
+    for path in deployed:
+        if path.name == "__main__.py" and path.parent.name == "gateway":
+            continue  # `python -m gateway serve` starts the local host, on demand
+        assert not imports(path) & {"devkit", "tests"}, path
+    for path in (PROJECT / "bench").rglob("*.py"):
+        assert "tests" not in imports(path), path
+    ignored = set((PROJECT / ".funcignore").read_text().split())
+    assert {"devkit", "tests", "bench", "scripts", ".venv", ".azurite", ".local"} <= ignored
