@@ -2,11 +2,10 @@
 
 Every row fits Table Storage's limits (keys of at most 1 KiB without ``/ \\ # ?`` or control
 characters, string properties of at most 64 KiB in UTF-16, entities of at most 1 MiB), and its keys
-depend on the message alone, so a redelivered message overwrites its own row instead of adding one:
+depend on the message alone, so a redelivered message overwrites its own row instead of adding one,
+while two messages that differ in id or body never share one:
 
-- RowKey: the message id when it is a plain id (``[A-Za-z0-9._:~=+@-]``, at most 128 characters,
-  as Service Bus allows), else ``sha256-<hex>`` of the message id and body;
-- PartitionKey: the first two hex digits of the RowKey's SHA-256 (256 partitions);
+- RowKey: the SHA-256 (hex) of the message id and body; PartitionKey: its first two digits;
 - ``Reason`` (at most 1,024 characters), ``Body`` (its start as text: UTF-8, with undecodable bytes,
   lone surrogates and control characters escaped, at most 16,384 UTF-16 code units), ``BodyBytes``
   (the whole body's length in bytes) and ``BodySha256`` (of those bytes), ``MessageId`` (escaped, at
@@ -20,11 +19,9 @@ import re
 from datetime import datetime
 from typing import Any
 
-from usage._tables import int64
 
 BODY_UNITS = 16_384  # UTF-16 code units: 32 KiB, half of a string property's limit
 TEXT_UNITS = 1_024  # for Reason and MessageId
-_PLAIN_ID = re.compile(r"[A-Za-z0-9._:~=+@-]{1,128}")
 _UNPRINTABLE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
@@ -45,10 +42,9 @@ def body_bytes(body: bytes | str) -> bytes:
 
 
 def row_key(message_id: str | None, raw: bytes) -> str:
-    if message_id is not None and _PLAIN_ID.fullmatch(message_id):
-        return message_id
-    identity = hashlib.sha256(body_bytes(message_id or "") + b"\n" + raw)
-    return f"sha256-{identity.hexdigest()}"
+    """The SHA-256 of the message's id and body (the id length-prefixed, and none told from empty)."""
+    identity = b"-" if message_id is None else b"=" + body_bytes(message_id)
+    return hashlib.sha256(len(identity).to_bytes(8, "big") + identity + raw).hexdigest()
 
 
 def reject_entity(body: bytes | str, reason: str, message_id: str | None, now: datetime) -> dict[str, Any]:
@@ -58,8 +54,8 @@ def reject_entity(body: bytes | str, reason: str, message_id: str | None, now: d
     text = raw[:4 * BODY_UNITS].decode("utf-8", "backslashreplace") if isinstance(body, bytes) else body
     key = row_key(message_id, raw)
     return {
-        "PartitionKey": hashlib.sha256(key.encode()).hexdigest()[:2], "RowKey": key,
+        "PartitionKey": key[:2], "RowKey": key,
         "Reason": readable(reason, TEXT_UNITS), "Body": readable(text, BODY_UNITS),
-        "BodyBytes": int64(len(raw)), "BodySha256": hashlib.sha256(raw).hexdigest(),
+        "BodyBytes": len(raw), "BodySha256": hashlib.sha256(raw).hexdigest(),  # Int32: Service Bus caps at 100 MB
         "MessageId": readable(message_id or "", TEXT_UNITS), "RejectedAt": now,
     }
