@@ -20,7 +20,7 @@ MAX_BODY_BYTES = 64 * 1024
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 LATEST = datetime(2201, 1, 1, tzinfo=UTC)
 TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
-REQUIRED = ("schema", "event_id", "time", "key_name", "deployment", "operation", "usage_source")
+REQUIRED = ("time", "event_id", "key_name", "deployment", "schema", "operation", "usage_source")
 _MISSING = object()
 
 # any character, lone surrogates and the ones Table Storage refuses in keys included
@@ -84,7 +84,11 @@ def _iso(utc: datetime, offset_minutes: int) -> str:
 
 
 _OFFSETS = st.integers(-14 * 60, 14 * 60)
-GOOD_TIMES = st.builds(_iso, st.datetimes(datetime(2000, 1, 1), datetime(2200, 12, 31, 23, 59, 59, 999999)), _OFFSETS)
+_GOOD_UTC = st.one_of(  # anywhere in the window, and often within a day of its edges
+    st.datetimes(datetime(2000, 1, 1), datetime(2200, 12, 31, 23, 59, 59, 999999)),
+    st.datetimes(datetime(2000, 1, 1), datetime(2000, 1, 2)),
+    st.datetimes(datetime(2200, 12, 31), datetime(2200, 12, 31, 23, 59, 59, 999999)))
+GOOD_TIMES = st.builds(_iso, _GOOD_UTC, _OFFSETS)
 _TOKENS = st.one_of(st.integers(0, 5_000), st.just(MAX_TOKENS), st.integers(0, MAX_TOKENS))
 
 
@@ -135,19 +139,19 @@ _BAD_IDS = st.one_of(
     st.from_regex(r"[A-Za-z0-9_-]{1,7}", fullmatch=True), st.from_regex(r"[A-Za-z0-9_-]{65,300}", fullmatch=True),
     _NOT_TEXT, st.builds(lambda a, c: a + c, st.from_regex(r"[A-Za-z0-9_-]{8,20}", fullmatch=True),
                          _CHARACTERS.filter(lambda c: not re.fullmatch(r"[A-Za-z0-9_-]", c))))
-_CHANGES = st.one_of(
-    st.tuples(st.just("schema"), st.one_of(st.integers().filter(lambda n: n != 1), st.sampled_from([True, 1.0, "1"]),
-                                           _NOT_TEXT.filter(lambda v: not (type(v) is int and v == 1)))),
-    st.tuples(st.just("time"), _BAD_TIMES),
+_CHANGES = [  # drawn by index (which favours the first a little), token counts and time first
     st.tuples(st.sampled_from(TOKEN_FIELDS), _BAD_COUNTS),
-    st.tuples(st.just("status"), st.one_of(st.integers(max_value=-1), st.integers(min_value=1000), st.floats(),
-                                           st.booleans(), _TEXT)),
+    st.tuples(st.just("time"), _BAD_TIMES),
     st.tuples(st.sampled_from(["key_name", "deployment"]), _BAD_NAMES),
     st.tuples(st.just("event_id"), _BAD_IDS),
+    st.tuples(st.just("status"), st.one_of(st.integers(max_value=-1), st.integers(min_value=1000), st.floats(),
+                                           st.booleans(), _TEXT)),
+    st.tuples(st.sampled_from(REQUIRED), st.just(_MISSING)),
+    st.tuples(st.just("schema"), st.one_of(st.integers().filter(lambda n: n != 1), st.sampled_from([True, 1.0, "1"]),
+                                           _NOT_TEXT.filter(lambda v: not (type(v) is int and v == 1)))),
     st.tuples(st.sampled_from(["operation", "usage_source"]), _NOT_TEXT | st.just("")),
     st.tuples(st.sampled_from(["model", "backend"]), _NOT_TEXT),
-    st.tuples(st.sampled_from(REQUIRED), st.just(_MISSING)),
-)
+]
 _RAW = st.one_of(
     st.binary(max_size=300), st.text(_CHARACTERS, max_size=300),
     st.integers(1, 100_000).map(lambda n: b"[" * n + b"]" * n),
@@ -167,7 +171,7 @@ def good_messages(draw: st.DrawFn) -> Message:
 @st.composite
 def hostile_messages(draw: st.DrawFn) -> Message:
     """A message that must not be counted: an event with one field broken, a bad shape, or no event at all."""
-    kind = draw(st.sampled_from(["change", "change", "change", "shape", "raw"]))
+    kind = draw(st.sampled_from(["change", "shape", "raw", "change", "change"]))
     message_id = draw(MESSAGE_IDS)
     if kind == "raw":
         return Message({}, counts=False, shape="raw", raw=draw(_RAW), message_id=message_id)
@@ -175,4 +179,12 @@ def hostile_messages(draw: st.DrawFn) -> Message:
     if kind == "shape":
         shape = draw(st.sampled_from(["repeated", "padded", "deep", "listed"]))
         return Message(fields, counts=False, shape=shape, message_id=message_id)
-    return Message(fields, counts=False, change=draw(_CHANGES), message_id=message_id)
+    return Message(fields, counts=False, change=draw(draw(st.sampled_from(_CHANGES))), message_id=message_id)
+
+
+@st.composite
+def batches(draw: st.DrawFn) -> list[tuple[Message, bool]]:
+    """Good events (each flagged to be sent twice in the batch or not) and hostile messages, shuffled."""
+    good = draw(st.lists(st.tuples(good_messages(), st.booleans()), max_size=6))
+    bad = draw(st.lists(st.tuples(hostile_messages(), st.just(False)), min_size=1, max_size=10))
+    return draw(st.permutations(good + bad))

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.hostile import MESSAGE_IDS, Message, good_messages, hostile_messages
+from tests.hostile import MESSAGE_IDS, Message, batches
 from tests.test_aggregate import counters, event, expected
 from usage import StorageConfig, open_table_service
 from usage._aggregate import Aggregator
@@ -173,11 +173,11 @@ def _month_rows(key: str, documents: list[dict[str, Any]]) -> dict[tuple[str, st
     return rows
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-@given(batch=st.lists(st.tuples(good_messages() | hostile_messages(), st.booleans()), min_size=1, max_size=12))
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(batch=batches())
 async def test_hostile_batches_never_fail_and_count_every_event_exactly_once(
         service: Any, batch: list[tuple[Message, bool]]) -> None:
-    """Generated batches mixing good events and hostile messages, delivered twice, count the good once, reject the rest."""
+    """Generated batches of good events and hostile messages, sent twice, count the good once and reject the rest."""
     key = f"h{uuid.uuid4().hex[:12]}"
     bodies: list[bytes | str] = []
     ids: list[str | None] = []

@@ -18,7 +18,7 @@ import random as _random
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -91,7 +91,7 @@ class _Outcome:
     counted: int = 0
     duplicates: int = 0
     transactions: int = 0
-    too_large: tuple[UsageEvent, ...] = field(default=())  # would take a counter past Int64
+    too_large: tuple[UsageEvent, ...] = ()  # would take a counter past Int64
 
     def __add__(self, other: _Outcome) -> _Outcome:
         return _Outcome(self.counted + other.counted, self.duplicates + other.duplicates,

@@ -19,7 +19,6 @@ import re
 from datetime import datetime
 from typing import Any
 
-
 BODY_UNITS = 16_384  # UTF-16 code units: 32 KiB, half of a string property's limit
 TEXT_UNITS = 1_024  # for Reason and MessageId
 _UNPRINTABLE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
