@@ -15,7 +15,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-MAX_TOKENS = 10**12
+MAX_TOKENS = 10**12  # the README's bounds, written again: generated messages sit on both sides of each
 MAX_BODY_BYTES = 64 * 1024
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 LATEST = datetime(2201, 1, 1, tzinfo=UTC)
