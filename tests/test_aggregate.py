@@ -99,7 +99,7 @@ async def test_malformed_message_does_not_fail_its_batch(service: Any) -> None:
     assert (result.counted, result.rejected) == (5, 3)
     assert await counters(service, key, "month|2026-11|gpt-4o") == expected(good)
     rejects = service.get_table_client(REJECTS_TABLE)
-    found = {e["RowKey"]: e async for e in rejects.query_entities("RowKey ge @p and RowKey lt @q",
+    found = {e["MessageId"]: e async for e in rejects.query_entities("MessageId ge @p and MessageId lt @q",
                                                                    parameters={"p": f"bad-{key}", "q": f"bad-{key}~"})}
     assert set(found) == {f"bad-{key}-0", f"bad-{key}-1", f"bad-{key}-2"}
     assert "not JSON" in found[f"bad-{key}-0"]["Reason"] and found[f"bad-{key}-0"]["Body"] == "{not json"

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import random as _random
-import re
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
@@ -34,6 +33,7 @@ from azure.data.tables import (
 from azure.data.tables.aio import TableClient, TableServiceClient
 
 from usage._events import MalformedEvent, UsageEvent, decode_event
+from usage._rejects import reject_entity
 from usage._schema import (
     COUNTERS,
     PERIODS,
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 MAX_OPERATIONS = 100  # Table Storage's limit per entity-group transaction
 IDS_PER_LEDGER_ROW = 900  # 33 characters each: well under a string property's 64 KiB
 _ROWS_PER_QUERY = 14  # a filter may hold 15 comparisons: PartitionKey and 14 rows
-_ROW_KEY = re.compile(r"[^/\\#?\x00-\x1f\x7f-\x9f]{1,512}")  # what Table Storage takes as a RowKey
+INT64_MAX = 2**63 - 1
 _CONFLICTS = {"UpdateConditionNotSatisfied", "EntityAlreadyExists", "ConditionNotMet"}
 
 
@@ -72,9 +72,69 @@ class BatchResult:
     partitions: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Message:
+    body: bytes | str
+    message_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Reject:
+    message: _Message
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """What applying some of a partition's events did."""
+
+    counted: int = 0
+    duplicates: int = 0
+    transactions: int = 0
+    too_large: tuple[UsageEvent, ...] = ()  # would take a counter past Int64
+
+    def __add__(self, other: _Outcome) -> _Outcome:
+        return _Outcome(self.counted + other.counted, self.duplicates + other.duplicates,
+                        self.transactions + other.transactions, self.too_large + other.too_large)
+
+
 def _increments(event: UsageEvent) -> tuple[int, ...]:
     return (1, event.prompt_tokens, event.completion_tokens, event.total_tokens, event.cached_tokens,
             event.reasoning_tokens, event.total_tokens if event.estimated else 0)
+
+
+def _fitting(events: list[UsageEvent], existing: dict[str, TableEntity]) -> tuple[list[UsageEvent], list[UsageEvent]]:
+    """The events whose counts keep every counter they touch within Int64, and the others."""
+    totals = {row: [as_int(entity.get(name)) for name in COUNTERS] for row, entity in existing.items()}
+    fitting: list[UsageEvent] = []
+    too_large: list[UsageEvent] = []
+    for event in events:
+        increments = _increments(event)
+        after = {row: [a + b for a, b in zip(totals.get(row, [0] * len(COUNTERS)), increments, strict=True)]
+                 for row in (counter_row(p, event.time, event.deployment) for p in PERIODS)}
+        if max(max(amounts) for amounts in after.values()) > INT64_MAX:
+            too_large.append(event)
+        else:
+            totals.update(after)
+            fitting.append(event)
+    return fitting, too_large
+
+
+def _decode(messages: list[_Message]) -> tuple[dict[str, UsageEvent], dict[str, _Message], list[_Reject]]:
+    """The batch's events by id (the first of each id), the message each came from, and the rejects."""
+    events: dict[str, UsageEvent] = {}
+    sources: dict[str, _Message] = {}
+    rejects: list[_Reject] = []
+    for message in messages:
+        try:
+            event = decode_event(message.body)
+        except MalformedEvent as exc:
+            rejects.append(_Reject(message, str(exc)))
+            continue
+        if event.event_id not in events:
+            events[event.event_id] = event
+            sources[event.event_id] = message
+    return events, sources, rejects
 
 
 class Aggregator:
@@ -111,46 +171,39 @@ class Aggregator:
     async def aggregate(
         self, bodies: Sequence[bytes | str], *, message_ids: Sequence[str | None] | None = None
     ) -> BatchResult:
-        """Count one batch of message bodies. Raises on storage errors (the batch is then retried)."""
+        """Count one batch of message bodies; keep those that cannot be counted in ``usagerejects``.
+
+        Raises only on storage errors (the batch is then retried), never because of a message.
+        """
         await self.ensure_tables()
-        events: dict[str, UsageEvent] = {}
-        rejected = 0
-        for index, body in enumerate(bodies):
-            message_id = message_ids[index] if message_ids is not None else None
-            try:
-                event = decode_event(body)
-            except MalformedEvent as exc:
-                rejected += 1
-                await self._reject(body, str(exc), message_id)
-                continue
-            events.setdefault(event.event_id, event)
-        in_batch_duplicates = len(bodies) - rejected - len(events)
+        ids: Sequence[str | None] = [None] * len(bodies) if message_ids is None else message_ids
+        events, sources, rejects = _decode([_Message(b, i) for b, i in zip(bodies, ids, strict=True)])
+        in_batch_duplicates = len(bodies) - len(rejects) - len(events)
         partitions: dict[str, list[UsageEvent]] = defaultdict(list)
         for event in events.values():
             partitions[partition_key(event.key_name, event.time)].append(event)
-        results = await asyncio.gather(*(self._partition(pk, group) for pk, group in partitions.items()))
-        counted = sum(r[0] for r in results)
+        outcome = sum(await asyncio.gather(*(self._partition(pk, group) for pk, group in partitions.items())),
+                      _Outcome())
+        rejects += [_Reject(sources[e.event_id], "counting it would take a counter of its key's month past Int64")
+                    for e in outcome.too_large]
+        await asyncio.gather(*(self._reject(reject) for reject in rejects))
         return BatchResult(
-            counted=counted,
-            duplicates=in_batch_duplicates + sum(r[1] for r in results),
-            rejected=rejected,
-            transactions=sum(r[2] for r in results),
+            counted=outcome.counted,
+            duplicates=in_batch_duplicates + outcome.duplicates,
+            rejected=len(rejects),
+            transactions=outcome.transactions,
             partitions=len(partitions),
         )
 
-    async def _reject(self, body: bytes | str, reason: str, message_id: str | None) -> None:
-        text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
-        now = datetime.now(UTC)
-        log.warning("usage message %s rejected: %s", message_id or "(no id)", reason)
-        self.table_requests += 1
-        usable = message_id is not None and _ROW_KEY.fullmatch(message_id) is not None
-        await self._rejects.upsert_entity({
-            "PartitionKey": f"{now:%Y-%m-%d}", "RowKey": message_id if usable else uuid.uuid4().hex,
-            "Reason": reason[:1000], "Body": text[:30000], "MessageId": message_id or "", "RejectedAt": now,
-        })
+    async def _reject(self, reject: _Reject) -> None:
+        entity = reject_entity(reject.message.body, reject.reason, reject.message.message_id, datetime.now(UTC))
+        log.warning("usage message %r rejected: %s", entity["MessageId"], entity["Reason"])
+        async with self._limit:
+            self.table_requests += 1
+            await self._rejects.upsert_entity(entity)
 
-    async def _partition(self, pk: str, events: list[UsageEvent]) -> tuple[int, int, int]:
-        """(counted, duplicates, transactions) for one partition's events, retrying on conflicts."""
+    async def _partition(self, pk: str, events: list[UsageEvent]) -> _Outcome:
+        """What counting one partition's events did, retrying on conflicts."""
         async with self._limit:
             for attempt in range(self._max_attempts):
                 try:
@@ -183,27 +236,29 @@ class Aggregator:
                                     {"lf": f"ledger|{minutes[0]}|", "lt": f"ledger|{minutes[-1]}|~"})
         return [entity for page in pages for entity in page] + ledgers
 
-    async def _apply(self, pk: str, events: list[UsageEvent]) -> tuple[int, int, int]:
+    async def _state(self, pk: str, events: list[UsageEvent]) -> tuple[set[str], dict[str, TableEntity]]:
+        """The ids the partition's ledgers have counted, and its counter rows that ``events`` touch."""
         rows = sorted({counter_row(p, e.time, e.deployment) for e in events for p in PERIODS})
-        entities = await self._read(pk, events, rows)
         seen: set[str] = set()
         existing: dict[str, TableEntity] = {}
-        for entity in entities:
+        for entity in await self._read(pk, events, rows):
             row_key = str(entity["RowKey"])
             if row_key.startswith("ledger|"):
                 seen.update(str(entity.get("Ids", "")).split(","))
             else:
                 existing[row_key] = entity
-        fresh = [e for e in events if e.event_id not in seen]
-        duplicates = len(events) - len(fresh)
+        return seen, existing
+
+    async def _apply(self, pk: str, events: list[UsageEvent]) -> _Outcome:
+        seen, existing = await self._state(pk, events)
+        fresh, too_large = _fitting([e for e in events if e.event_id not in seen], existing)
+        skipped = _Outcome(duplicates=sum(e.event_id in seen for e in events), too_large=tuple(too_large))
         if not fresh:
-            return 0, duplicates, 0
+            return skipped
         operations = self._operations(pk, fresh, existing)
         if len(operations) > MAX_OPERATIONS:  # too much for one transaction: halve and go again
             half = len(fresh) // 2
-            first = await self._apply(pk, fresh[:half])
-            second = await self._apply(pk, fresh[half:])
-            return first[0] + second[0], duplicates + first[1] + second[1], first[2] + second[2]
+            return skipped + await self._apply(pk, fresh[:half]) + await self._apply(pk, fresh[half:])
         self.table_requests += 1
         try:
             await self._usage.submit_transaction(operations)
@@ -211,7 +266,7 @@ class Aggregator:
             if exc.status_code in (409, 412) or str(getattr(exc, "error_code", "")) in _CONFLICTS:
                 raise _Conflict from exc
             raise
-        return len(fresh), duplicates, 1
+        return skipped + _Outcome(counted=len(fresh), transactions=1)
 
     def _operations(
         self, pk: str, fresh: list[UsageEvent], existing: dict[str, TableEntity]
