@@ -7,6 +7,8 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol
 
+from usage import MAX_TOKENS
+
 log = logging.getLogger(__name__)
 
 UsageSource = Literal["reported", "estimated", "none"]
@@ -28,7 +30,10 @@ class Usage:
 
         def number(container: Any, key: str) -> int:
             value = container.get(key) if isinstance(container, dict) else None
-            return value if isinstance(value, int) and not isinstance(value, bool) else 0
+            # a count the aggregator would refuse (negative, absurd) would lose the whole request's event
+            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS:
+                return value
+            return 0
 
         prompt = number(usage, "prompt_tokens")
         completion = number(usage, "completion_tokens")

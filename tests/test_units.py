@@ -264,3 +264,12 @@ def test_deployed_code_never_imports_development_machinery() -> None:
         assert "tests" not in imports(path), path
     ignored = set((PROJECT / ".funcignore").read_text().split())
     assert {"devkit", "tests", "bench", "scripts", ".venv", ".azurite", ".local"} <= ignored
+
+
+def test_backend_usage_the_aggregator_would_refuse_counts_as_zero() -> None:
+    """A negative or absurd count from a backend becomes 0, so the request's event is still counted."""
+    from gateway import Usage
+
+    usage = Usage.from_body({"prompt_tokens": -5, "completion_tokens": 2**70, "total_tokens": 7,
+                             "prompt_tokens_details": {"cached_tokens": True}})
+    assert usage == Usage(prompt_tokens=0, completion_tokens=0, total_tokens=7, cached_tokens=0)

@@ -2,12 +2,13 @@
 
 from usage._aggregate import Aggregator, BatchResult
 from usage._config import StorageConfig, load_storage_config, read_environment
-from usage._events import MalformedEvent, UsageEvent, decode_event
+from usage._events import MAX_TOKENS, MalformedEvent, UsageEvent, decode_event
 from usage._functions import AggregatorRuntime, QueueMessage, aggregate_messages
 from usage._keys import KeyRecord, KeyStore, Limits, hash_key
 from usage._tables import STORAGE_ERRORS, bounded, open_table_service
 
 __all__ = [
+    "MAX_TOKENS",
     "STORAGE_ERRORS",
     "Aggregator",
     "AggregatorRuntime",
