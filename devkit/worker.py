@@ -91,7 +91,11 @@ class Worker:
         if kind == "invocation_request":
             _invocation.set(message.invocation_request.invocation_id)
         request = WorkerRequest(name, message, {"protos": protos, "host": self._host})
-        response = await handler(request)
+        try:
+            response = await handler(request)
+        except Exception as exc:  # the runtime answers its own failures; anything else must not leave the host waiting
+            log.exception("%s failed in the worker", name)
+            response = _failure(answer, message, exc)
         self.outgoing.put_nowait(protos.StreamingMessage(request_id=self._request_id, **{answer: response}))
 
     async def _init(self, request: WorkerRequest) -> Any:
@@ -105,6 +109,22 @@ class Worker:
 
     async def _status(self, request: WorkerRequest) -> Any:
         return protos.WorkerStatusResponse()
+
+
+def _failure(answer: str, message: Any, exc: Exception) -> Any:
+    """A failed answer of the right kind, naming the exception."""
+    result = protos.StatusResult(status=protos.StatusResult.Failure,
+                                 exception=protos.RpcException(message=f"{type(exc).__name__}: {exc}"))
+    if answer == "invocation_response":
+        return protos.InvocationResponse(invocation_id=message.invocation_request.invocation_id, result=result)
+    if answer == "function_load_response":
+        return protos.FunctionLoadResponse(function_id=message.function_load_request.function_id, result=result)
+    if answer == "worker_status_response":
+        return protos.WorkerStatusResponse()
+    return getattr(protos, {"worker_init_response": "WorkerInitResponse",
+                            "function_metadata_response": "FunctionMetadataResponse",
+                            "function_environment_reload_response": "FunctionEnvironmentReloadResponse"}[answer])(
+        result=result)
 
 
 async def serve(host: str, port: int, worker_id: str, request_id: str, max_message_length: int) -> int:
