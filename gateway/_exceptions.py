@@ -9,6 +9,7 @@
         ├── NotFound             404
         ├── MethodNotAllowed     405
         ├── RequestTimedOut      408, the client's body did not arrive within BODY_READ_TIMEOUT_SECONDS
+        ├── ClientClosedRequest  499, the client went away before its body was read (nobody gets it)
         ├── PayloadTooLarge      413
         ├── QuotaExceeded        429, the caller's own token quota
         ├── NoBackendAvailable   429 (all cooling after throttling) or 503, with Retry-After
@@ -28,9 +29,9 @@ from collections.abc import Mapping
 from usage._config import SettingsError
 
 __all__ = [
-    "BadRequest", "GatewayError", "KeyStoreUnavailable", "MethodNotAllowed", "NoBackendAvailable", "NotFound",
-    "PayloadTooLarge", "QuotaExceeded", "RequestError", "RequestTimedOut", "SettingsError", "Unauthorized",
-    "UpstreamFailed", "UpstreamTimedOut", "retry_after_headers",
+    "BadRequest", "ClientClosedRequest", "GatewayError", "KeyStoreUnavailable", "MethodNotAllowed",
+    "NoBackendAvailable", "NotFound", "PayloadTooLarge", "QuotaExceeded", "RequestError", "RequestTimedOut",
+    "SettingsError", "Unauthorized", "UpstreamFailed", "UpstreamTimedOut", "retry_after_headers",
 ]
 
 
@@ -82,6 +83,13 @@ class NotFound(RequestError):
 class MethodNotAllowed(RequestError):
     status = 405
     code = "MethodNotAllowed"
+
+
+class ClientClosedRequest(RequestError):
+    """The client disconnected while sending its body: no one is left to answer, nothing went upstream."""
+
+    status = 499
+    code = "ClientClosedRequest"
 
 
 class RequestTimedOut(RequestError):

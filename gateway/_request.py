@@ -15,8 +15,9 @@ from typing import Any
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
-from gateway._exceptions import BadRequest, PayloadTooLarge, RequestTimedOut
+from gateway._exceptions import BadRequest, ClientClosedRequest, PayloadTooLarge, RequestTimedOut
 from gateway._quota import Reservation
 from gateway._settings import BackendConfig, Settings, is_deployment_name
 from gateway._timing import Timer
@@ -202,6 +203,8 @@ async def _read_raw(request: Request, settings: Settings, timer: Timer) -> bytes
                 parts.append(part)
     except TimeoutError as exc:
         raise RequestTimedOut(f"The request body did not arrive within {seconds:g} seconds.") from exc
+    except ClientDisconnect as exc:
+        raise ClientClosedRequest("The client went away while sending its body.") from exc
     return b"".join(parts)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import select
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -236,3 +237,17 @@ def test_slow_body_gets_408_after_the_body_read_timeout(gateway: Gateway, bytes_
     assert seconds >= 30  # never before the limit (a few more: the clock moved before the read began)
     assert gateway.eastus.received == []
     assert http("POST", gateway.url + CHAT, headers={"api-key": gateway.key}, body=GOOD).status == 200
+
+
+def test_client_gone_mid_body_is_no_gateway_failure(gateway: Gateway) -> None:
+    """A client that hangs up halfway through its body is not logged as a gateway failure; serving goes on."""
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"POST {CHAT} HTTP/1.1\r\nhost: gateway\r\napi-key: {gateway.key}\r\n"
+                     "content-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"messages\": [".encode())
+        time.sleep(0.3)  # the gateway is waiting for the rest
+    time.sleep(0.5)
+    assert http("POST", gateway.url + CHAT, headers={"api-key": gateway.key}, body=GOOD).status == 200
+    assert not any("failed inside the gateway" in line for line in gateway.logs.lines)
+    assert gateway.eastus.received[-1].body == json.loads(GOOD)  # only the whole request went upstream
+    assert len(gateway.eastus.received) == 1
