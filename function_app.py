@@ -21,6 +21,7 @@ from usage import AggregatorRuntime, aggregate_messages
 for _sdk in ("azure.core", "azure.identity", "azure.data.tables", "azure.servicebus", "azure.monitor"):
     logging.getLogger(_sdk).setLevel(logging.WARNING)
 logging.getLogger("uvicorn.access").addFilter(lambda _record: False)  # a filter survives uvicorn's dictConfig
+logging.getLogger("uvicorn.error").addFilter(lambda record: record.levelno >= logging.WARNING)  # its start-up lines
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
 runtime = GatewayRuntime()
