@@ -4,6 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from devkit.amqp_broker import AmqpBroker
 from devkit.services import azurite
 from tests.harness import Gateway, running_gateway
 
@@ -18,4 +19,11 @@ def storage() -> Iterator[str]:
 @pytest.fixture
 def gateway(storage: str) -> Iterator[Gateway]:
     with running_gateway(storage) as running:
+        yield running
+
+
+@pytest.fixture
+def broker() -> Iterator[AmqpBroker]:
+    """A fresh AMQP 1.0 broker that the real azure-servicebus SDK talks to."""
+    with AmqpBroker() as running:
         yield running

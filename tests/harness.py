@@ -10,6 +10,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -33,6 +34,17 @@ from usage._keys import Limits
 
 T = TypeVar("T")
 PROJECT = Path(__file__).resolve().parent.parent
+def eventually(predicate: Callable[[], object], *, timeout: float = 30.0,
+               message: Callable[[], object] | None = None) -> None:
+    """Wait until ``predicate()`` holds; else fail, saying ``message()``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout:g} s" + (f": {message()}" if message else ""))
+
+
 class LoopThread:
     """An event loop in a thread, so sync SDK clients in the test can call servers running in it."""
 

@@ -10,37 +10,20 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from azure.servicebus import ServiceBusClient, ServiceBusMessage
 
 from devkit.amqp_broker import AmqpBroker
 from devkit.services import free_port
 from gateway._settings import ServiceBusConfig
-from tests.harness import PROJECT, Gateway, LoopThread, running_gateway, running_host
+from tests.harness import PROJECT, Gateway, LoopThread, eventually, running_gateway, running_host
 from tests.test_pipeline import wait_for_row
 from usage import open_table_service
 from usage._schema import REJECTS_TABLE
 
 QUEUE = "usage-events"
-
-
-@pytest.fixture
-def broker() -> Iterator[AmqpBroker]:
-    with AmqpBroker() as running:
-        yield running
-
-
-def eventually(predicate: Any, timeout: float = 30.0, message: Any = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out: {message() if message else ''}")
 
 
 def test_indexing_reports_the_bindings_azure_will_see(gateway: Gateway) -> None:

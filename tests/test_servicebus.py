@@ -5,34 +5,17 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import openai
-import pytest
 
 from devkit.amqp_broker import AmqpBroker
 from gateway._settings import ServiceBusConfig
-from tests.harness import Gateway, running_gateway
+from tests.harness import Gateway, eventually, running_gateway
 from tests.test_pipeline import wait_for_row
 
 QUEUE = "usage-events"
 MESSAGES: Any = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture
-def broker() -> Iterator[AmqpBroker]:
-    with AmqpBroker() as running:
-        yield running
-
-
-def wait_for(predicate: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 def test_service_bus_outage_fails_no_request_and_loses_no_event(storage: str, broker: AmqpBroker) -> None:
@@ -41,7 +24,7 @@ def test_service_bus_outage_fails_no_request_and_loses_no_event(storage: str, br
     with running_gateway(storage, service_bus=config) as gw:
         client = openai.AzureOpenAI(azure_endpoint=gw.url, api_key=gw.key, api_version="2024-10-21", max_retries=0)
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
-        wait_for(lambda: len(broker.messages(QUEUE)) == 1)
+        eventually(lambda: len(broker.messages(QUEUE)) == 1)
         broker.set_available(False)
         started = time.monotonic()
         for stream in (False, True, False, True):
@@ -53,7 +36,7 @@ def test_service_bus_outage_fails_no_request_and_loses_no_event(storage: str, br
         records = gw.sink.wait(5)
         assert len(broker.messages(QUEUE)) == 1
         broker.set_available(True)
-        wait_for(lambda: len(broker.messages(QUEUE)) >= 5)
+        eventually(lambda: len(broker.messages(QUEUE)) >= 5)
         queued = broker.messages(QUEUE)
         assert sorted(str(m.message_id) for m in queued) == sorted(r.request_id for r in records)
         bodies = [json.loads(m.body if isinstance(m.body, (bytes, str)) else b"".join(m.body)) for m in queued]
@@ -72,7 +55,7 @@ def test_events_flow_through_the_queue_trigger_into_the_tables(storage: str, bro
         records = gw.sink.wait(3)
         row = wait_for_row(gw, name, 3)
         assert row["TotalTokens"] == sum(r.total_tokens for r in records) and row["Requests"] == 3
-        wait_for(lambda: broker.messages(QUEUE) == [])  # completed, not left locked or redelivered
+        eventually(lambda: broker.messages(QUEUE) == [])  # completed, not left locked or redelivered
 
 
 def test_gateway_sink_is_off_the_request_path(gateway: Gateway) -> None:
@@ -91,7 +74,7 @@ def test_disabled_trigger_is_not_run_locally(storage: str, broker: AmqpBroker) -
     with running_gateway(storage, service_bus=config, env=env) as gw:
         client = openai.AzureOpenAI(azure_endpoint=gw.url, api_key=gw.key, api_version="2024-10-21")
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
-        wait_for(lambda: len(broker.messages(QUEUE)) == 1)
+        eventually(lambda: len(broker.messages(QUEUE)) == 1)
         time.sleep(1.5)  # a running trigger would have taken it by now (it receives every few ms)
         assert len(broker.messages(QUEUE)) == 1
         assert any("disabled by AzureWebJobs.aggregate_usage.Disabled" in line for line in gw.logs.lines)

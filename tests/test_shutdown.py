@@ -9,36 +9,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import openai
-import pytest
 
 from devkit.amqp_broker import AmqpBroker
 from devkit.services import free_port, wait_for_port
 from devkit.simulator import SimulatedRegion
 from gateway._settings import ServiceBusConfig
-from tests.harness import PROJECT, LoopThread, running_gateway
+from tests.harness import PROJECT, LoopThread, eventually, running_gateway
 from usage import KeyStore, StorageConfig, open_table_service
 
 QUEUE = "usage-events"
 MESSAGES: Any = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture
-def broker() -> Iterator[AmqpBroker]:
-    with AmqpBroker() as running:
-        yield running
-
-
-def eventually(predicate: Any, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def queued_ids(broker: AmqpBroker) -> set[str]:
@@ -51,7 +34,7 @@ def test_sigterm_to_the_worker_sends_what_it_buffered(storage: str, broker: Amqp
     with running_gateway(storage, service_bus=config) as gw:
         client = openai.AzureOpenAI(azure_endpoint=gw.url, api_key=gw.key, api_version="2024-10-21", max_retries=0)
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # the publisher is up and connected
-        assert eventually(lambda: len(broker.messages(QUEUE)) == 1)
+        eventually(lambda: len(broker.messages(QUEUE)) == 1)
         broker.set_available(False)
         for stream in (False, True, False, True, False):
             if stream:
@@ -63,8 +46,8 @@ def test_sigterm_to_the_worker_sends_what_it_buffered(storage: str, broker: Amqp
         os.kill(gw.host.worker_pid, signal.SIGTERM)
         time.sleep(1.0)
         broker.set_available(True)  # back within the worker's flush window
-        assert eventually(lambda: queued_ids(broker) == {r.request_id for r in records}, timeout=15), (
-            f"lost on SIGTERM: {len(records) - len(queued_ids(broker))} of {len(records)}")
+        eventually(lambda: queued_ids(broker) == {r.request_id for r in records}, timeout=15,
+                   message=lambda: f"lost on SIGTERM: {len(records) - len(queued_ids(broker))} of {len(records)}")
 
 
 def test_sigterm_to_serve_finishes_streams_and_loses_no_event(storage: str, broker: AmqpBroker) -> None:
@@ -109,5 +92,5 @@ def test_sigterm_to_serve_finishes_streams_and_loses_no_event(storage: str, brok
         loop.run(region.stop())
         loop.close()
     assert server.returncode == 0, output
-    assert eventually(lambda: len(broker.messages(QUEUE)) == 6, timeout=5), (
-        f"lost on SIGTERM: {6 - len(broker.messages(QUEUE))} of 6\n{output}")
+    eventually(lambda: len(broker.messages(QUEUE)) == 6, timeout=5,
+               message=lambda: f"lost on SIGTERM: {6 - len(broker.messages(QUEUE))} of 6\n{output}")
