@@ -114,9 +114,25 @@ class HttpFront:
                 finished.set()
                 await send({"type": "http.response.body", "body": b""})
         except (aiohttp.ClientError, OSError) as exc:
+            if _client_gone(exc):
+                log.debug("the client went away while sending its body")
+                return
             log.error("the worker's HTTP server failed the request: %s", exc)
             if not started:
                 await send_error(send, 500, "WorkerUnavailable", "The function host could not reach its worker.")
+
+
+class ClientGone(ConnectionResetError):
+    """The client disconnected before its body was complete."""
+
+
+def _client_gone(exc: BaseException | None) -> bool:
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, ClientGone):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _response_headers(raw: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes, bytes]]:
@@ -134,10 +150,13 @@ def _body(receive: Receive, done: asyncio.Event, scope: Scope) -> AsyncIterator[
 
     async def chunks() -> AsyncIterator[bytes]:
         try:
+            # an empty first chunk makes aiohttp send the request headers now, not with the first body
+            # bytes: the function sees its request (and its body-read limit runs) even if no byte comes
+            yield b""
             while True:
                 message: Message = await receive()
                 if message["type"] == "http.disconnect":
-                    raise ConnectionResetError("the client went away while sending its body")
+                    raise ClientGone("the client went away while sending its body")
                 if message.get("body"):
                     yield message["body"]
                 if not message.get("more_body", False):

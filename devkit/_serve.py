@@ -8,9 +8,11 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -35,6 +37,13 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+def front_options() -> dict[str, Any]:
+    """uvicorn options of the host's HTTP front: JSON errors for malformed HTTP, no WebSocket upgrades
+    (answered as plain HTTP), the worker's own Server and Date headers, no access log."""
+    return {"log_level": "warning", "access_log": False, "lifespan": "off", "http": JsonErrorHttpProtocol,
+            "ws": "none", "server_header": False, "date_header": False}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7071)
@@ -52,16 +61,41 @@ async def serve(app_dir: Path, *, host: str, port: int, graceful_seconds: float 
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        await functions.start()
-    except FunctionLoadFailed as exc:
-        print(f"error: the function app in {app_dir} did not load: {exc}", file=sys.stderr)
+        listener = _listen(host, port)
+    except OSError as exc:
+        print(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    with listener:
+        try:
+            await functions.start()
+        except FunctionLoadFailed as exc:
+            print(f"error: the function app in {app_dir} did not load: {exc}", file=sys.stderr)
+            return 1
+        return await _serve_http(functions, listener, app_dir=app_dir, graceful_seconds=graceful_seconds)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The socket, bound before the worker starts so that a port in use fails at once and clearly; it
+    listens (asyncio's server calls ``listen``) only once the worker is ready."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
     try:
-        config = uvicorn.Config(functions.http_app(), host=host, port=port, log_level="warning", access_log=False,
-                                lifespan="off", http=JsonErrorHttpProtocol, server_header=False, date_header=False,
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+async def _serve_http(functions: FunctionsHost, listener: socket.socket, *, app_dir: Path,
+                      graceful_seconds: float) -> int:
+    try:
+        config = uvicorn.Config(functions.http_app(), **front_options(),
                                 timeout_graceful_shutdown=int(graceful_seconds))
+        host, port = listener.getsockname()[:2]
         log.info("serving %s on http://%s:%d", app_dir, host, port)
-        await _Server(config).serve()
+        await _Server(config).serve(sockets=[listener])
     finally:
         log.info("stopping the worker")
         await functions.stop()

@@ -24,7 +24,7 @@ import uvicorn
 
 from devkit._config import HostJson
 from devkit._host import WORKER_COMMAND, FunctionsHost
-from devkit._http import JsonErrorHttpProtocol
+from devkit._serve import front_options
 from devkit.services import free_port, wait_for_port
 from devkit.simulator import SimulatedRegion
 from gateway import BackendConfig, Settings
@@ -221,9 +221,7 @@ def running_host(loop: LoopThread, app_dir: Path, app_settings: dict[str, str], 
                          worker_command=worker_command or WORKER_COMMAND)
     loop.run(host.start(), timeout=90)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(host.http_app(), host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off", access_log=False, http=JsonErrorHttpProtocol,
-                                           server_header=False, date_header=False))
+    server = uvicorn.Server(uvicorn.Config(host.http_app(), **front_options(), host="127.0.0.1", port=port))
     serving = asyncio.run_coroutine_threadsafe(server.serve(), loop.loop)
     try:
         wait_for_port(port)

@@ -205,12 +205,13 @@ def test_bodies_not_in_utf8_get_400_naming_the_encoding(gateway: Gateway) -> Non
 
 def send_slowly(gw: Gateway, body: bytes, *, bytes_per_second: int) -> tuple[int, RawResponse]:
     """POST ``body`` over a raw socket, ``bytes_per_second`` per second of the gateway's clock
-    (0: it goes silent after its first byte); the clock seconds it took, and the answer."""
+    (0: it goes silent after its first byte; -1: not even that); the clock seconds it took, and the answer."""
     host, port = gw.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
+        first = 1 if bytes_per_second >= 0 else 0
         sock.sendall(f"POST {CHAT} HTTP/1.1\r\nhost: gateway\r\napi-key: {gw.key}\r\n"
-                     f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body[:1])
-        sent, seconds = 1, 0
+                     f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body[:first])
+        sent, seconds, bytes_per_second = first, 0, max(bytes_per_second, 0)
         while not select.select([sock], [], [], 0.02)[0]:
             assert seconds < 100, "no answer"
             sock.sendall(body[sent:sent + bytes_per_second])
@@ -226,7 +227,7 @@ def send_slowly(gw: Gateway, body: bytes, *, bytes_per_second: int) -> tuple[int
     return seconds, RawResponse(int(status_line.split()[1]), headers, payload)
 
 
-@pytest.mark.parametrize("bytes_per_second", [1, 0], ids=["1 byte a second", "silent"])
+@pytest.mark.parametrize("bytes_per_second", [1, 0, -1], ids=["1 byte a second", "silent", "no body at all"])
 def test_slow_body_gets_408_after_the_body_read_timeout(gateway: Gateway, bytes_per_second: int) -> None:
     """A body that trickles in or stops gets 408 once BODY_READ_TIMEOUT_SECONDS pass; the gateway serves on."""
     body = json.dumps({"messages": [{"role": "user", "content": "x" * 200}]}).encode()
@@ -251,3 +252,13 @@ def test_client_gone_mid_body_is_no_gateway_failure(gateway: Gateway) -> None:
     assert not any("failed inside the gateway" in line for line in gateway.logs.lines)
     assert gateway.eastus.received[-1].body == json.loads(GOOD)  # only the whole request went upstream
     assert len(gateway.eastus.received) == 1
+
+
+def test_declared_oversize_body_gets_413_before_any_byte(gateway: Gateway) -> None:
+    """A Content-Length over MAX_REQUEST_BYTES is refused at once, without waiting for the body."""
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"POST {CHAT} HTTP/1.1\r\nhost: gateway\r\napi-key: {gateway.key}\r\n"
+                     f"content-type: application/json\r\ncontent-length: {64 * 1024 * 1024}\r\n\r\n".encode())
+        head = sock.recv(65536)
+    assert head.startswith(b"HTTP/1.1 413")

@@ -176,3 +176,15 @@ def test_runtime_and_protocol_versions_are_the_pinned_ones() -> None:
         (PROJECT / "devkit/requirements.txt").read_text()).splitlines() if "==" in line and not line.startswith("#"))
     assert version("azure-functions-runtime") == pinned["azure-functions-runtime"]
     assert sys.version_info[:2] == (3, 13)
+
+
+def test_websocket_upgrade_gets_an_aoai_shaped_answer(gateway: Gateway) -> None:
+    """An Upgrade: websocket request is answered as plain HTTP: the JSON 404, not a text 500."""
+    port = int(gateway.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /socket HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+                     b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n")
+        answer = b""
+        while b"}}" not in answer and (chunk := sock.recv(65536)):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 404") and json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
