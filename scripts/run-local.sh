@@ -14,10 +14,18 @@ if [ ! -f local.settings.json ]; then
   echo "run-local: created local.settings.json from local.settings.sample.json"
 fi
 
-pids=()
-cleanup() {
+pids=()          # Azurite and the regions: started in sessions of their own, so Ctrl-C reaches only the gateway
+gateway_pid=""
+azurite_pid=""
+cleanup() {       # the gateway first (it finishes requests and flushes usage into Azurite), then what it needs
   trap - EXIT INT TERM
+  if [ -n "$gateway_pid" ]; then
+    kill -TERM "$gateway_pid" 2>/dev/null || true
+    wait "$gateway_pid" 2>/dev/null || true
+  fi
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  # Azurite saves its tables on SIGINT only (SIGTERM would lose the last seconds' writes)
+  [ -n "$azurite_pid" ] && kill -INT "$azurite_pid" 2>/dev/null || true
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -38,9 +46,9 @@ if [[ "$storage" == *"127.0.0.1:10002"* || "$storage" == "UseDevelopmentStorage=
     echo "run-local: something already listens on 10002; using it as Table Storage"
   else
     mkdir -p .local/azurite
-    node .azurite/node_modules/azurite/dist/src/table/main.js --tableHost 127.0.0.1 --tablePort 10002 \
+    setsid node .azurite/node_modules/azurite/dist/src/table/main.js --tableHost 127.0.0.1 --tablePort 10002 \
       --location .local/azurite --disableTelemetry --skipApiVersionCheck >.local/azurite.log 2>&1 &
-    pids+=($!)
+    azurite_pid=$!
     wait_port 10002
     echo "run-local: Azurite table storage on http://127.0.0.1:10002 (log: .local/azurite.log)"
   fi
@@ -49,9 +57,9 @@ fi
 backends=$(setting AOAI_BACKENDS)
 if [[ "$backends" == *"127.0.0.1:8001"* ]]; then
   mkdir -p .local
-  "$PY" -m devkit.simulator --port 8001 --region eastus --api-key sim-key-eastus >.local/sim-eastus.log 2>&1 &
+  setsid "$PY" -m devkit.simulator --port 8001 --region eastus --api-key sim-key-eastus >.local/sim-eastus.log 2>&1 &
   pids+=($!)
-  "$PY" -m devkit.simulator --port 8002 --region westus --api-key sim-key-westus >.local/sim-westus.log 2>&1 &
+  setsid "$PY" -m devkit.simulator --port 8002 --region westus --api-key sim-key-westus >.local/sim-westus.log 2>&1 &
   pids+=($!)
   wait_port 8001; wait_port 8002
   echo "run-local: simulated AOAI regions eastus on :8001 and westus on :8002"
@@ -79,5 +87,5 @@ shows it (add --format chart for a picture). Ctrl-C stops the gateway, the regio
 
 MSG
 "$PY" -m gateway serve --port "$PORT" &
-pids+=($!)
-wait "$!"
+gateway_pid=$!
+wait "$gateway_pid"
