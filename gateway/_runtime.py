@@ -17,6 +17,7 @@ from azure.core.credentials_async import AsyncTokenCredential
 from azure.data.tables.aio import TableServiceClient
 from azure.identity.aio import DefaultAzureCredential
 from azure.servicebus.aio import ServiceBusClient
+from azure.storage.blob.aio import ExponentialRetry
 
 from gateway import _tokens
 from gateway._auth import KeyCache
@@ -180,7 +181,10 @@ class GatewayRuntime:
         if settings.content_log is None:
             return None
         try:
-            service = open_blob_service(settings.content_log, credential=credential, session=session)
+            # the writer backs off on its own: the SDK's retries (15 s, then 45 s) would hold a batch a minute
+            service = open_blob_service(settings.content_log, credential=credential, session=session,
+                                        retry_policy=ExponentialRetry(initial_backoff=1, increment_base=2,
+                                                                      retry_total=2))
         except ValueError as exc:  # the SDK's word for a connection string it cannot use
             raise SettingsError(CONTENT_LOG_SETTING, "is not a usable storage connection string") from exc
         publisher = content_publisher(settings, service, linger=CONTENT_LOG_LINGER)

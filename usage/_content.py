@@ -39,9 +39,10 @@ def open_blob_service(
     *,
     credential: AsyncTokenCredential | None = None,
     session: aiohttp.ClientSession | None = None,
+    **kwargs: Any,
 ) -> BlobServiceClient:
-    """A ``BlobServiceClient`` that reuses ``session`` (not closing it) when one is given."""
-    kwargs: dict[str, Any] = {}
+    """A ``BlobServiceClient`` that reuses ``session`` (not closing it) when one is given; ``kwargs`` go to
+    the SDK (``retry_policy``, ...)."""
     if session is not None:
         kwargs["transport"] = AioHttpTransport(session=session, session_owner=False)
     if config.connection_string is not None:
