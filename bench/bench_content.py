@@ -78,7 +78,7 @@ def record_making_us(chunks: int, repeat: int = 2000) -> float:
     for word in region._text():
         chunk = {**base, "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None,
                                       "content_filter_results": {"hate": {"filtered": False, "severity": "safe"}}}]}
-        frames.append(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        frames.append(b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n")  # as AOAI writes
     frames.append(b"data: [DONE]\n\n")
     body = {"messages": [{"role": "user", "content": "Say hello"}], "stream": True}
     call = Call(operation="chat/completions", v1=False, deployment="gpt-4o", body=body, raw=json.dumps(body).encode(),

@@ -39,11 +39,8 @@ log = logging.getLogger(__name__)
 REDACTED = "[redacted]"
 #: what an upload can raise when storage fails: worth retrying
 BLOB_ERRORS: tuple[type[Exception], ...] = (AzureError, aiohttp.ClientError, OSError, TimeoutError)
-_FIRST_INDEX = re.compile(rb'"index"\s*:\s*0[,}\s]')
-_CONTENT = re.compile(rb'"content"\s*:\s*"((?:[^"\\]|\\.)*)"')
-_REFUSAL = re.compile(rb'"refusal"\s*:\s*"((?:[^"\\]|\\.)*)"')
-_TEXT_FIELD = re.compile(rb'"text"\s*:\s*"((?:[^"\\]|\\.)*)"')
-_FINISH = re.compile(rb'"finish_reason"\s*:\s*"([^"\\]*)"')
+#: the choice's text fields and finish reason, as compact JSON (AOAI's) writes them: string values (null is none)
+_FIELDS = re.compile(rb'"(content|refusal|text|finish_reason)":"((?:[^"\\]|\\.)*)"')
 #: each request's blob upload: the SDK's connect/read time-outs are 300 s; a flush at shutdown has 5 s
 _UPLOAD_OPTIONS: dict[str, Any] = {"connection_timeout": 10, "read_timeout": 30, "timeout": 30}
 
@@ -186,33 +183,34 @@ def _choices(documents: Iterable[Any], *, streamed: bool) -> list[dict[str, Any]
              "finish_reason": c["finish_reason"]} for index in sorted(state)]
 
 
-def _string(pattern: re.Pattern[bytes], data: bytes) -> str | None:
-    """The JSON string values of one key throughout ``data``, joined (escapes never span values)."""
-    parts = pattern.findall(data)
-    return json.loads(b'"' + b"".join(parts) + b'"') if parts else None
-
-
 def _single_choice(data: bytes) -> list[dict[str, Any]] | None:
     """The one choice of a stream without tool calls, read from the raw frames; ``None`` if the stream is not
-    that (several choices, tool calls, nothing): then every frame is parsed.
+    that (several choices, tool calls, no choice, JSON with spaces): then every frame is parsed.
 
     Inside a JSON string a quote is escaped, so the raw bytes ``"content":`` can only be a key (as
     ``_sse`` relies on for ``"usage"``); AOAI's chunks have no other ``content``, ``refusal`` or ``text``
     keys than the choice's. Parsing every chunk's JSON would cost about 2 µs a chunk, mostly for the
-    content-filter results.
+    content-filter results; one scan of the stream costs a tenth of that.
     """
     indexes = data.count(b'"index"')
-    if not indexes or b'"tool_calls"' in data or len(_FIRST_INDEX.findall(data)) != indexes:
+    if (not indexes or b'"tool_calls"' in data or b'": ' in data or b'" :' in data  # compact JSON only
+            or data.count(b'"index":0,') + data.count(b'"index":0}') != indexes):
         return None
+    parts: dict[bytes, list[bytes]] = {b"content": [], b"refusal": [], b"text": []}
+    reason: bytes | None = None
+    for name, value in _FIELDS.findall(data):
+        if name == b"finish_reason":
+            reason = value or reason
+        else:
+            parts[name].append(value)
     try:
-        content, refusal, text = (_string(p, data) for p in (_CONTENT, _REFUSAL, _TEXT_FIELD))
+        content, refusal, text = (json.loads(b'"' + b"".join(p) + b'"') if p else None for p in parts.values())
     except ValueError:
         return None
     if text is not None:
         content = text if content is None else content + text
-    reasons = _FINISH.findall(data)
     return [{"index": 0, "content": content, "tool_calls": [], "refusal": refusal,
-             "finish_reason": reasons[-1].decode() if reasons else None}]
+             "finish_reason": None if reason is None else reason.decode()}]
 
 
 def assemble(item: Pending) -> list[dict[str, Any]]:

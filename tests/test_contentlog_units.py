@@ -227,3 +227,20 @@ def test_content_log_settings_are_read() -> None:
     assert settings.content_log == BlobStorageConfig(blob_service_uri="https://acct.blob.core.windows.net")
     assert settings.needs_credential and settings.content_log_redact == ("sk-\\w+",)
     assert settings.content_log_max_bytes == 1024 * 1024
+
+
+@pytest.mark.parametrize("separators", [(",", ":"), (", ", ": ")])
+def test_compact_and_spaced_streams_give_the_same_choice(separators: tuple[str, str]) -> None:
+    """AOAI's compact frames are read by a scan, others by parsing: both give the same text, escapes decoded."""
+    words = ["Say \"hi\"", " \\ to", " café\n", " 😀", "", " done"]
+    frames = [b"data: " + json.dumps({"choices": [], "prompt_filter_results": [{"prompt_index": 0}]},
+                                     separators=separators).encode() + b"\n\n"]
+    frames += [b"data: " + json.dumps({"id": "x", "choices": [{"content_filter_results": {"hate": {"severity": "safe"}},
+                                                                "delta": {"content": w}, "finish_reason": None,
+                                                                "index": 0}]}, separators=separators).encode()
+               + b"\n\n" for w in words]
+    frames.append(b"data: " + json.dumps({"choices": [{"delta": {}, "finish_reason": "stop", "index": 0}],
+                                          "usage": None}, separators=separators).encode() + b"\n\n")
+    frames.append(b"data: [DONE]\n\n")
+    assert assemble(pending(frames)) == [{"index": 0, "content": "".join(words), "tool_calls": [], "refusal": None,
+                                          "finish_reason": "stop"}]
