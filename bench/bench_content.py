@@ -19,6 +19,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -31,11 +32,11 @@ from bench_gateway import cpu_seconds, one_stream, process, progress, worker_of 
 
 from devkit.services import azurite, free_port  # noqa: E402
 from devkit.simulator import SimulatedRegion  # noqa: E402
-from gateway._contentlog import Pending, RecordMaker  # noqa: E402
+from gateway._contentlog import ContentLog, Pending, RecordMaker, content_publisher  # noqa: E402
 from gateway._records import UsageRecord  # noqa: E402
 from gateway._request import Call  # noqa: E402
 from gateway._settings import BackendConfig, Settings  # noqa: E402
-from usage import KeyStore, StorageConfig, open_table_service  # noqa: E402
+from usage import BlobStorageConfig, KeyStore, StorageConfig, open_blob_service, open_table_service  # noqa: E402
 
 TARGET_MS = 0.3
 #: the writer gathers records for 1 s, then uploads: a round is counted until well after that
@@ -69,8 +70,8 @@ async def round_cpu(url: str, key: str, worker: int, *, requests: int, concurren
         return (settled - before) * 1000 / requests
 
 
-def record_making_us(chunks: int, repeat: int = 2000) -> float:
-    """Microseconds to turn one logged stream of ``chunks`` content chunks into its JSON line."""
+def _sample(chunks: int) -> Pending:
+    """A logged 50-chunk stream as the proxy hands it over: frames as AOAI writes them (compact JSON)."""
     region = SimulatedRegion(chunks=chunks)
     frames = []
     base = {"id": "chatcmpl-x", "model": region.model, "object": "chat.completion.chunk", "created": 0}
@@ -78,7 +79,7 @@ def record_making_us(chunks: int, repeat: int = 2000) -> float:
     for word in region._text():
         chunk = {**base, "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None,
                                       "content_filter_results": {"hate": {"filtered": False, "severity": "safe"}}}]}
-        frames.append(b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n")  # as AOAI writes
+        frames.append(b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n")
     frames.append(b"data: [DONE]\n\n")
     body = {"messages": [{"role": "user", "content": "Say hello"}], "stream": True}
     call = Call(operation="chat/completions", v1=False, deployment="gpt-4o", body=body, raw=json.dumps(body).encode(),
@@ -88,12 +89,41 @@ def record_making_us(chunks: int, repeat: int = 2000) -> float:
                         prompt_tokens=10, completion_tokens=chunks, total_tokens=10 + chunks, cached_tokens=0,
                         reasoning_tokens=0, usage_source="reported", status=200, latency_ms=1.0, ttfb_ms=1.0,
                         outcome="complete")
-    backend = BackendConfig("fast", "http://f")
-    maker = RecordMaker(Settings(backends=(backend,), storage=StorageConfig(connection_string="x=y")))
+    return Pending(usage, call, BackendConfig("fast", "http://f"), True, True, frames)
+
+
+def record_making_us(chunks: int, repeat: int = 2000) -> float:
+    """Microseconds to turn one logged stream of ``chunks`` content chunks into its JSON line."""
+    item = _sample(chunks)
+    assert item.backend is not None
+    maker = RecordMaker(Settings(backends=(item.backend,), storage=StorageConfig(connection_string="x=y")))
     start = time.perf_counter()
     for _ in range(repeat):
-        maker.line(Pending(usage, call, backend, True, True, list(frames)))
+        maker.line(Pending(item.usage, item.call, item.backend, True, True, list(item.received)))
     return (time.perf_counter() - start) * 1e6 / repeat
+
+
+async def writer_cpu_us(storage: str, count: int = 3000) -> float:
+    """The content log's own CPU per record, in this process: ``ContentLog.record`` as the proxy calls it, the
+    record made in the writer's thread and its share of the blob uploads (the real SDK, to Azurite)."""
+    item = _sample(50)
+    assert item.backend is not None
+    settings = Settings(backends=(item.backend,), storage=StorageConfig(connection_string="x=y"))
+    async with aiohttp.ClientSession() as session:
+        service = open_blob_service(BlobStorageConfig(connection_string=storage), session=session)
+        publisher = content_publisher(settings, service, linger=0.2)
+        publisher.start()
+        log = ContentLog(publisher)
+        start = time.process_time()
+        for n in range(count):
+            log.record(replace(item.usage, request_id=f"{n:032d}"), item.call, list(item.received),
+                       backend=item.backend, with_usage=True)
+            if n % 100 == 99:
+                await asyncio.sleep(0.01)  # requests arrive over time; the writer runs beside them
+        await log.close(flush_seconds=60)
+        spent = time.process_time() - start
+    assert publisher.sent == count, (publisher.sent, publisher.dropped)
+    return spent * 1e6 / count
 
 
 def main() -> None:
@@ -129,6 +159,8 @@ def main() -> None:
                         results.setdefault((name, concurrency), []).append(
                             asyncio.run(round_cpu(url, key, worker, requests=args.requests, concurrency=concurrency)))
     making = record_making_us(args.chunks)
+    with azurite() as storage:
+        writer = asyncio.run(writer_cpu_us(storage))
     print(f"\n{args.requests} streams of {args.chunks} chunks per round, {args.rounds} rounds per key, worker CPU per "
           f"stream (median of rounds), Python {sys.version.split()[0]}\n")
     print("| streams at once | unlogged (ms) | logged (ms) | added per logged stream (ms; target <= 0.3) |")
@@ -142,6 +174,8 @@ def main() -> None:
         print(f"| {concurrency} | {statistics.median(plain_rounds):.3f} | {statistics.median(logged_rounds):.3f} | "
               f"{added:.3f} {verdict} (unlogged rounds vary by {spread:.3f}) |")
     print(f"\nMaking one record from a {args.chunks}-chunk stream (in the writer's thread): {making:.1f} µs")
+    print(f"The content log's whole CPU per record in one process (request-path hand-over, record, its share of the "
+          f"blob uploads to Azurite through the SDK): {writer:.1f} µs")
 
 
 if __name__ == "__main__":
