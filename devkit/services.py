@@ -31,9 +31,10 @@ def wait_for_port(port: int, *, timeout: float = 30.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
-def azurite_main() -> Path:
-    """Azurite's table server script, installed by scripts/setup.sh into .azurite/."""
-    path = Path(os.environ.get("AZURITE_DIR", PROJECT / ".azurite")) / "node_modules/azurite/dist/src/table/main.js"
+def azurite_main(service: str = "table") -> Path:
+    """Azurite's ``table`` (or ``blob``) server script, installed by scripts/setup.sh into .azurite/."""
+    root = Path(os.environ.get("AZURITE_DIR", PROJECT / ".azurite"))
+    path = root / f"node_modules/azurite/dist/src/{service}/main.js"
     if not path.is_file():
         raise RuntimeError(f"Azurite is not installed at {path}; run scripts/setup.sh")
     return path
@@ -41,18 +42,25 @@ def azurite_main() -> Path:
 
 @contextmanager
 def azurite() -> Iterator[str]:
-    """A fresh in-memory Azurite table server; yields its connection string."""
-    port = free_port()
+    """Fresh in-memory Azurite table and blob servers; yields one connection string naming both.
+
+    Both skip Azurite's API-version check: the SDKs pinned here speak versions newer than Azurite 3.35.0 knows.
+    """
     node = shutil.which("node") or "node"
-    process = subprocess.Popen(
-        [node, str(azurite_main()), "--tableHost", "127.0.0.1", "--tablePort", str(port),
+    ports = {"table": free_port(), "blob": free_port()}
+    processes = [subprocess.Popen(
+        [node, str(azurite_main(service)), f"--{service}Host", "127.0.0.1", f"--{service}Port", str(port),
          "--inMemoryPersistence", "--disableTelemetry", "--skipApiVersionCheck"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    ) for service, port in ports.items()]
     try:
-        wait_for_port(port)
+        for port in ports.values():
+            wait_for_port(port)
         yield (f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={AZURITE_ACCOUNT_KEY};"
-               f"TableEndpoint=http://127.0.0.1:{port}/devstoreaccount1;")
+               f"TableEndpoint=http://127.0.0.1:{ports['table']}/devstoreaccount1;"
+               f"BlobEndpoint=http://127.0.0.1:{ports['blob']}/devstoreaccount1;")
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=10)

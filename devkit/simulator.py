@@ -8,7 +8,8 @@ empty ``choices``, a role chunk, content chunks with ``content_filter_results``,
 Failures: ``429`` (with ``retry-after``/``retry-after-ms``), ``500``, ``hang`` (never answers),
 ``cut`` (stream broken off mid-way), ``stall`` (stream stops mid-way, connection kept), queued
 per request with ``fail_next`` or set for every request with ``mode``. A prompt containing
-``FILTER_ME`` is refused with AOAI's 400 ``content_filter`` error.
+``FILTER_ME`` is refused with AOAI's 400 ``content_filter`` error. A chat request with ``tools`` is
+answered with a call of the first tool (its arguments streamed in pieces, ``finish_reason`` ``tool_calls``).
 
 Run one: ``python -m devkit.simulator --port 8001 --region eastus``.
 """
@@ -61,6 +62,8 @@ class SimulatedRegion:
     retry_after_ms: str | None = "2000"
     #: api-versions older than this answer 400 to ``stream_options``, as AOAI did in 2024.
     stream_options_since: str = "2024-09-01"
+    #: the pieces of text answered (one per chunk); ``None``: ``chunks`` words of a fixed sentence
+    words: tuple[str, ...] | None = None
     received: list[Received] = field(default_factory=list)
     streams_started: int = 0
     streams_finished: int = 0
@@ -182,7 +185,15 @@ class SimulatedRegion:
                                               "reasoning_tokens": 0, "rejected_prediction_tokens": 0}}
 
     def _text(self) -> list[str]:
+        if self.words is not None:
+            return list(self.words)
         return [_WORDS[i % len(_WORDS)] for i in range(self.chunks)]
+
+    @staticmethod
+    def tool_call(body: dict[str, Any]) -> tuple[str, str, list[str]]:
+        """The call a request with ``tools`` gets: its id, the first tool's name, the arguments in pieces."""
+        function = (body["tools"][0] or {}).get("function") or {}
+        return "call_sim0001", str(function.get("name", "tool")), ['{"city"', ': "Par', 'is", "days', '": 3}']
 
     def _complete(self, body: dict[str, Any], operation: str) -> web.Response:
         words = self._text()
@@ -220,15 +231,24 @@ class SimulatedRegion:
         frames = [self._chunk({"created": 0, "id": "", "model": "", "object": ""}, [], include_usage,
                               prompt_filter_results=[{"prompt_index": 0, "content_filter_results": _FILTER_OK}])]
         deltas: list[dict[str, Any]]
+        finish = "stop"
         if operation == "completions":
             deltas = [{"text": w, "index": 0, "finish_reason": None, "logprobs": None} for w in words]
+        elif body.get("tools"):
+            call_id, name, pieces = self.tool_call(body)
+            first = {"index": 0, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+            deltas = [{"delta": {"content": None, "role": "assistant", "tool_calls": [first]}, "finish_reason": None,
+                       "index": 0, "logprobs": None}]
+            deltas += [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]},
+                        "finish_reason": None, "index": 0, "logprobs": None} for piece in pieces]
+            finish = "tool_calls"
         else:
             deltas = [{"content_filter_results": {}, "delta": {"content": "", "refusal": None, "role": "assistant"},
                        "finish_reason": None, "index": 0, "logprobs": None}]
             deltas += [{"content_filter_results": _FILTER_OK, "delta": {"content": w}, "finish_reason": None,
                         "index": 0, "logprobs": None} for w in words]
         frames += [self._chunk(base, [d], include_usage) for d in deltas]
-        frames.append(self._chunk(base, [{"content_filter_results": {}, "delta": {}, "finish_reason": "stop",
+        frames.append(self._chunk(base, [{"content_filter_results": {}, "delta": {}, "finish_reason": finish,
                                           "index": 0, "logprobs": None}], include_usage))
         if include_usage:
             frames.append(self._chunk(base, [], False, usage=self._usage(body, len(words))))

@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 from gateway import _tokens
 from gateway._auth import KeyCache, key_from_headers
 from gateway._backends import BackendPool
+from gateway._contentlog import ContentLog
 from gateway._credentials import TokenProvider
 from gateway._exceptions import NotFound, RequestError, UpstreamFailed, UpstreamTimedOut
 from gateway._failover import Failover
@@ -43,6 +44,8 @@ class _Context:
     started: float
     arrived: str
     key_name: str
+    received: list[bytes] | None = None  # what the client was sent, kept when its key logs content
+    upstream: tuple[BackendConfig, bool] | None = None  # the backend that answered, asked for usage or not
 
 
 class Proxy:
@@ -60,8 +63,10 @@ class Proxy:
         sink: UsageSink,
         timer: Timer,
         wall_clock: Callable[[], float],
+        content: ContentLog | None = None,
     ) -> None:
         self._settings = settings
+        self._content = content
         self._keys = keys
         self._pool = pool
         self._quota = quota
@@ -84,6 +89,8 @@ class Proxy:
         try:
             key = await self._keys.authenticate(key_from_headers(request.headers))
             context.key_name = key.name
+            if key.log_content and self._content is not None:
+                context.received = []
             call = await read_call(request, self._settings, self._timer, operation=operation, v1=v1)
             if key.limits.any:
                 call.reservation = await self._quota.admit(key, estimate=self._reservation_estimate(call))
@@ -116,6 +123,7 @@ class Proxy:
             )
         deadline = context.started + self._settings.request_deadline
         answer = await self._failover.send(call, deadline=deadline)
+        context.upstream = (answer.backend, answer.with_usage)
         if answer.body is not None:
             return self._passthrough(call, context, answer.backend, answer.upstream, answer.body)
         return await self._respond(call, context, answer.backend, answer.upstream,
@@ -129,6 +137,8 @@ class Proxy:
     ) -> StreamingResponse:
         usage: Usage | None = None
         model = ""
+        if context.received is not None:
+            context.received.append(body)
         if upstream.status == 200:
             try:
                 document = json.loads(body)
@@ -203,11 +213,15 @@ class Proxy:
                     if first_byte is None:
                         first_byte = self._clock()
                     yield out
+                    if context.received is not None:
+                        context.received.append(out)
             if watch.fired:
                 raise TimeoutError("stream idle")
             tail = relay.finish()
             if tail:
                 yield tail
+                if context.received is not None:
+                    context.received.append(tail)
             outcome = "complete"
         except (aiohttp.ClientError, TimeoutError) as exc:
             outcome = "upstream_cut"
@@ -269,4 +283,7 @@ class Proxy:
             outcome=outcome,
         )
         self._sink.emit(record)
+        if context.received is not None and self._content is not None:
+            backend_config, with_usage = context.upstream or (None, False)
+            self._content.record(record, call, context.received, backend=backend_config, with_usage=with_usage)
 

@@ -1,10 +1,11 @@
-"""Usage events off the request path: a bounded buffer, a background sender, a transport.
+"""Records off the request path: a bounded buffer, a background sender, a transport.
 
-``emit`` (on the request path) only appends to a ``deque``; a full buffer drops the oldest event,
-counts it and says so in the log. A background task waits ``linger`` for a batch to gather, then
-sends batches through a transport (Service
-Bus, or in-process straight to the aggregator for the local run); a failed send puts the batch
-back at the front and retries with exponential back-off while requests go on. ``close`` flushes.
+``BatchPublisher.emit`` (on the request path) only appends to a ``deque``; a full buffer (by count, or
+by the size of what it holds) drops the oldest item, counts it and says so in the log. A background task
+waits ``linger`` for a batch to gather, then hands batches to a sender; a failed send puts the batch back
+at the front and retries with exponential back-off while requests go on. ``close`` flushes.
+``UsagePublisher`` sends usage events through a transport (Service Bus, or in-process straight to the
+aggregator for the local run); the content log (``_contentlog``) sends its records to Blob Storage.
 """
 
 from __future__ import annotations
@@ -71,28 +72,51 @@ class InProcessTransport:
         return None
 
 
-class UsagePublisher:
-    """A ``UsageSink`` that never blocks: buffer, background batches, back-off, flush on close."""
+class BatchSender[T](Protocol):
+    async def send(self, batch: list[T]) -> None:
+        """Deliver ``batch``, or raise. A sender that delivered part of it before failing removes those
+        items from ``batch`` (the rest is put back and sent again)."""
+
+    async def close(self) -> None: ...
+
+
+class BatchPublisher[T]:
+    """A sink that never blocks: buffer, background batches, back-off, flush on close.
+
+    ``retry_on`` are the sender's errors worth retrying (storage or network failures): the batch waits
+    and goes again. Anything else is a bug: it is logged with its traceback and the batch is dropped
+    (and counted), rather than retried forever. ``weigh`` (cheap: called on the request path) and
+    ``max_weight`` bound the buffer by the size of what it holds as well as by ``capacity``.
+    """
 
     def __init__(
         self,
-        transport: EventTransport,
+        sender: BatchSender[T],
         *,
+        what: str,
+        retry_on: tuple[type[BaseException], ...],
         capacity: int = 10_000,
         batch_size: int = 200,
         linger: float = 1.0,
         initial_backoff: float = 0.5,
         max_backoff: float = 30.0,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        weigh: Callable[[T], int] | None = None,
+        max_weight: int = 0,
     ) -> None:
-        self._transport = transport
+        self._sender = sender
+        self._what = what
+        self._retry_on = retry_on
         self._capacity = capacity
-        self._buffer: deque[UsageRecord] = deque(maxlen=capacity)
+        self._buffer: deque[T] = deque()
         self._batch_size = batch_size
         self._linger = linger
         self._initial_backoff = initial_backoff
         self._max_backoff = max_backoff
         self._sleep = sleep
+        self._weigh = weigh
+        self._max_weight = max_weight
+        self._weight = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.sent = 0
@@ -103,21 +127,31 @@ class UsagePublisher:
     def pending(self) -> int:
         return len(self._buffer)
 
-    def emit(self, record: UsageRecord) -> None:
+    def emit(self, item: T) -> None:
         if len(self._buffer) == self._capacity:
-            self._dropped(1)
-        self._buffer.append(record)  # a full deque drops its oldest
+            self._drop_oldest()
+        self._buffer.append(item)
+        if self._weigh is not None:
+            self._weight += self._weigh(item)
+            while self._weight > self._max_weight and len(self._buffer) > 1:
+                self._drop_oldest()
         self._wakeup.set()
+
+    def _drop_oldest(self) -> None:
+        oldest = self._buffer.popleft()
+        if self._weigh is not None:
+            self._weight -= self._weigh(oldest)
+        self._dropped(1)
 
     def _dropped(self, count: int) -> None:
         before = self.dropped
         self.dropped += count
         if before == 0 or self.dropped // 1000 > before // 1000:
-            log.warning("usage buffer full (%d events): %d oldest event(s) dropped so far",
-                        self._capacity, self.dropped)
+            log.warning("%s buffer full (%d items): %d oldest %s(s) dropped so far",
+                        self._what, self._capacity, self.dropped, self._what)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="usage-publisher")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"{self._what} publisher")
 
     async def _run(self) -> None:
         backoff = self._initial_backoff
@@ -126,7 +160,7 @@ class UsagePublisher:
             if self._linger and len(self._buffer) < self._batch_size:
                 await self._sleep(self._linger)  # gather a batch: one send per burst, not per request
             self._wakeup.clear()
-            # send what gathered; events arriving meanwhile wait for a linger of their own, or a stream of
+            # send what gathered; items arriving meanwhile wait for a linger of their own, or a stream of
             # requests would keep the sender busy with one small send after another
             due = len(self._buffer)
             while due > 0 and self._buffer:
@@ -143,27 +177,36 @@ class UsagePublisher:
     async def _send_one_batch(self, size: int | None = None) -> bool:
         count = min(self._batch_size, len(self._buffer)) if size is None else size
         batch = [self._buffer.popleft() for _ in range(count)]
+        if self._weigh is not None:
+            self._weight -= sum(self._weigh(item) for item in batch)
         try:
-            await self._transport.send([(r.request_id, encode_event(r)) for r in batch])
+            await self._sender.send(batch)
         except asyncio.CancelledError:  # shutdown in the middle of a send: close() sends them again
             self._put_back(batch)
             raise
-        except Exception as exc:  # any transport failure: keep the events and retry later
+        except self._retry_on as exc:  # the service failed: keep the items and retry later
             self.failed_sends += 1
-            log.warning("sending %d usage event(s) failed (%s: %s); will retry", len(batch),
+            self.sent += count - len(batch)  # what a sender delivered before failing
+            log.warning("sending %d %s(s) failed (%s: %s); will retry", len(batch), self._what,
                         type(exc).__name__, str(exc)[:200])
             self._put_back(batch)
             return False
-        self.sent += len(batch)
+        except Exception:  # a bug of ours: retrying would fail forever
+            log.exception("sending %d %s(s) failed inside the gateway; they are dropped", len(batch), self._what)
+            self._dropped(len(batch))
+            return True
+        self.sent += count
         return True
 
-    def _put_back(self, batch: list[UsageRecord]) -> None:
+    def _put_back(self, batch: list[T]) -> None:
         """Return a batch to the front of the buffer, dropping its oldest if the buffer filled up."""
         room = self._capacity - len(self._buffer)
         if len(batch) > room:
             self._dropped(len(batch) - room)
             batch = batch[len(batch) - room:]
         self._buffer.extendleft(reversed(batch))
+        if self._weigh is not None:
+            self._weight += sum(self._weigh(item) for item in batch)
 
     async def close(self, *, flush_seconds: float = 10.0) -> None:
         """Stop the background task, then try for up to ``flush_seconds`` to send what is left."""
@@ -178,6 +221,38 @@ class UsagePublisher:
                     if not await self._send_one_batch():
                         await self._sleep(self._initial_backoff)
         except TimeoutError:
-            log.error("shutdown: %d usage event(s) could not be sent and are lost", len(self._buffer))
+            log.error("shutdown: %d %s(s) could not be sent and are lost", len(self._buffer), self._what)
         finally:
-            await self._transport.close()
+            await self._sender.close()
+
+
+class _EventSender:
+    """Encodes usage records as events for an ``EventTransport``."""
+
+    def __init__(self, transport: EventTransport) -> None:
+        self._transport = transport
+
+    async def send(self, batch: list[UsageRecord]) -> None:
+        await self._transport.send([(r.request_id, encode_event(r)) for r in batch])
+
+    async def close(self) -> None:
+        await self._transport.close()
+
+
+class UsagePublisher(BatchPublisher[UsageRecord]):
+    """A ``UsageSink`` that never blocks; any transport failure is retried (Service Bus raises many kinds)."""
+
+    def __init__(
+        self,
+        transport: EventTransport,
+        *,
+        capacity: int = 10_000,
+        batch_size: int = 200,
+        linger: float = 1.0,
+        initial_backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    ) -> None:
+        super().__init__(_EventSender(transport), what="usage event", retry_on=(Exception,), capacity=capacity,
+                         batch_size=batch_size, linger=linger, initial_backoff=initial_backoff,
+                         max_backoff=max_backoff, sleep=sleep)

@@ -17,10 +17,12 @@ from azure.core.credentials_async import AsyncTokenCredential
 from azure.data.tables.aio import TableServiceClient
 from azure.identity.aio import DefaultAzureCredential
 from azure.servicebus.aio import ServiceBusClient
+from azure.storage.blob.aio import ExponentialRetry
 
 from gateway import _tokens
 from gateway._auth import KeyCache
 from gateway._backends import BackendPool
+from gateway._contentlog import ContentLog, content_publisher
 from gateway._credentials import TokenProvider
 from gateway._proxy import Proxy
 from gateway._publish import EventTransport, InProcessTransport, ServiceBusTransport, UsagePublisher
@@ -28,8 +30,9 @@ from gateway._quota import QuotaGuard, TableUsage
 from gateway._records import LoggingSink, TeeSink, UsageSink
 from gateway._settings import Settings, load_settings
 from gateway._timing import Timer
+from usage import open_blob_service
 from usage._aggregate import Aggregator
-from usage._config import STORAGE_SETTING, SettingsError
+from usage._config import CONTENT_LOG_SETTING, STORAGE_SETTING, SettingsError
 from usage._keys import KeyStore
 from usage._tables import open_table_service
 
@@ -40,6 +43,8 @@ log = logging.getLogger(__name__)
 #: the tables, where a report a second later must already show the request
 SERVICE_BUS_LINGER = 0.5
 IN_PROCESS_LINGER = 0.5
+#: how long the content log gathers records before it writes their blobs (one per key and hour)
+CONTENT_LOG_LINGER = 1.0
 #: on SIGTERM, how long the buffered usage events may take to go out before the process ends
 SIGTERM_FLUSH_SECONDS = 5.0
 
@@ -61,6 +66,7 @@ class GatewayRuntime:
         self._injected: dict[str, Any] = {}
         self._stopping: asyncio.Task[None] | None = None
         self.publisher: UsagePublisher | None = None
+        self.content: ContentLog | None = None
 
     def configure(
         self,
@@ -153,6 +159,7 @@ class GatewayRuntime:
         sinks: list[UsageSink] = [LoggingSink(), self.publisher]
         if sink is not None:
             sinks.append(sink)
+        self.content = self._content_log(settings, session, credential)
         return Proxy(
             settings,
             session=session,
@@ -163,7 +170,26 @@ class GatewayRuntime:
             sink=TeeSink(*sinks),
             timer=Timer.on(clock),
             wall_clock=wall_clock,
+            content=self.content,
         )
+
+    @staticmethod
+    def _content_log(
+        settings: Settings, session: aiohttp.ClientSession, credential: AsyncTokenCredential | None
+    ) -> ContentLog | None:
+        """The content log's writer, when ``CONTENT_LOG`` is set (closed in ``close``, with its flush)."""
+        if settings.content_log is None:
+            return None
+        try:
+            # the writer backs off on its own: the SDK's retries (15 s, then 45 s) would hold a batch a minute
+            service = open_blob_service(settings.content_log, credential=credential, session=session,
+                                        retry_policy=ExponentialRetry(initial_backoff=1, increment_base=2,
+                                                                      retry_total=2))
+        except ValueError as exc:  # the SDK's word for a connection string it cannot use
+            raise SettingsError(CONTENT_LOG_SETTING, "is not a usable storage connection string") from exc
+        publisher = content_publisher(settings, service, linger=CONTENT_LOG_LINGER)
+        publisher.start()
+        return ContentLog(publisher)
 
     @staticmethod
     def _transport(
@@ -191,7 +217,7 @@ class GatewayRuntime:
 
         def stop() -> None:
             loop.remove_signal_handler(signal.SIGTERM)
-            log.info("SIGTERM: flushing usage events before the worker stops")
+            log.info("SIGTERM: flushing usage events and content records before the worker stops")
             self._stopping = loop.create_task(self._close_then_terminate())
 
         try:
@@ -222,9 +248,14 @@ class GatewayRuntime:
             return
         async with self._lock:
             self._proxy = None
+            flushes = []  # both at once: SIGTERM gives them SIGTERM_FLUSH_SECONDS together
             if self.publisher is not None:
                 publisher, self.publisher = self.publisher, None
-                await publisher.close(flush_seconds=flush_seconds)
+                flushes.append(publisher.close(flush_seconds=flush_seconds))
+            if self.content is not None:
+                content, self.content = self.content, None
+                flushes.append(content.close(flush_seconds=flush_seconds))
+            await asyncio.gather(*flushes)
             await self._release()
             if self._warming is not None:
                 await self._warming

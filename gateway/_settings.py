@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway._exceptions import SettingsError
-from usage._config import StorageConfig, load_storage_config
+from usage import BlobStorageConfig, StorageConfig, load_blob_config, load_storage_config
 
 DEPLOYMENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -103,11 +103,18 @@ class Settings:
     quota_cache_seconds: float = 5.0
     quota_settle_seconds: float = 30.0
     quota_read_timeout: float = 0.5
+    #: where content records go (``CONTENT_LOG``); ``None``: nothing is recorded, whatever the keys say
+    content_log: BlobStorageConfig | None = None
+    content_log_max_bytes: int = 1024 * 1024
+    #: regular expressions whose matches are replaced by ``[redacted]`` in prompts and completions
+    content_log_redact: tuple[str, ...] = ()
+    content_log_buffer_bytes: int = 64 * 1024 * 1024
 
     @property
     def needs_credential(self) -> bool:
         return (self.storage.uses_identity or any(b.api_key is None for b in self.backends)
-                or (self.service_bus is not None and self.service_bus.connection_string is None))
+                or (self.service_bus is not None and self.service_bus.connection_string is None)
+                or (self.content_log is not None and self.content_log.uses_identity))
 
 
 def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
@@ -236,6 +243,24 @@ def load_backends(raw: str) -> tuple[BackendConfig, ...]:
     return backends
 
 
+def load_redactions(raw: str) -> tuple[str, ...]:
+    """``CONTENT_LOG_REDACT``: a JSON list of regular expressions (Python syntax), each checked here."""
+    if not raw.strip():
+        return ()
+    try:
+        items = json.loads(raw)
+    except ValueError as exc:
+        raise SettingsError("CONTENT_LOG_REDACT", f"is not valid JSON ({exc})") from None
+    if not isinstance(items, list) or not all(isinstance(item, str) and item for item in items):
+        raise SettingsError("CONTENT_LOG_REDACT", "must be a JSON list of non-empty regular expressions")
+    for item in items:
+        try:
+            re.compile(item)
+        except re.error as exc:
+            raise SettingsError("CONTENT_LOG_REDACT", f"{item!r} is not a regular expression ({exc})") from None
+    return tuple(items)
+
+
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Build the settings from ``env``; a missing or malformed setting raises, naming it."""
     return Settings(
@@ -259,4 +284,8 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         quota_cache_seconds=_number(env, "QUOTA_CACHE_SECONDS", 5.0),
         quota_settle_seconds=_number(env, "QUOTA_SETTLE_SECONDS", 30.0),
         quota_read_timeout=_number(env, "QUOTA_READ_TIMEOUT_SECONDS", 0.5, minimum=0.001),
+        content_log=load_blob_config(env),
+        content_log_max_bytes=_integer(env, "CONTENT_LOG_MAX_BYTES", 1024 * 1024, minimum=4096),
+        content_log_redact=load_redactions(env.get("CONTENT_LOG_REDACT", "")),
+        content_log_buffer_bytes=_integer(env, "CONTENT_LOG_BUFFER_BYTES", 64 * 1024 * 1024, minimum=1024 * 1024),
     )

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole gateway locally, without Azure Functions Core Tools:
-#   Azurite (Table Storage, data kept in .local/azurite), two simulated AOAI regions on ports
+#   Azurite (Table Storage on 10002 and Blob Storage on 10000, for CONTENT_LOG; data kept in
+#   .local/azurite), two simulated AOAI regions on ports
 #   8001/8002 (unless AOAI_BACKENDS names real backends), a demo subscription key, and
 #   `python -m gateway serve` on http://127.0.0.1:${GATEWAY_PORT:-7071}. Ctrl-C stops everything.
 set -euo pipefail
@@ -54,6 +55,20 @@ if [[ "$storage" == *"127.0.0.1:10002"* || "$storage" == "UseDevelopmentStorage=
   fi
 fi
 
+content_log=$(setting CONTENT_LOG)
+if [[ "$content_log" == *"127.0.0.1:10000"* || "$content_log" == "UseDevelopmentStorage=true" ]]; then
+  if port_open 10000; then
+    echo "run-local: something already listens on 10000; using it as Blob Storage"
+  else
+    mkdir -p .local/azurite
+    node .azurite/node_modules/azurite/dist/src/blob/main.js --blobHost 127.0.0.1 --blobPort 10000 \
+      --location .local/azurite --disableTelemetry --skipApiVersionCheck >.local/azurite-blob.log 2>&1 &
+    pids+=($!)
+    wait_port 10000
+    echo "run-local: Azurite blob storage on http://127.0.0.1:10000 (content log; log: .local/azurite-blob.log)"
+  fi
+fi
+
 backends=$(setting AOAI_BACKENDS)
 if [[ "$backends" == *"127.0.0.1:8001"* ]]; then
   mkdir -p .local
@@ -68,7 +83,8 @@ else
 fi
 
 "$PY" -m usage keys revoke demo >/dev/null 2>&1 || true
-key=$("$PY" -m usage keys create --name demo --json | "$PY" -c "import json,sys; print(json.load(sys.stdin)['key'])")
+key=$("$PY" -m usage keys create --name demo --log-content --json \
+  | "$PY" -c "import json,sys; print(json.load(sys.stdin)['key'])")
 
 cat <<MSG
 
@@ -83,7 +99,9 @@ for chunk in client.chat.completions.create(model="gpt-4o", stream=True,
     print(chunk.choices[0].delta.content or "" if chunk.choices else "", end="", flush=True)
 
 Usage is counted in Table Storage half a second after each request: ".venv/bin/python -m usage report"
-shows it (add --format chart for a picture). Ctrl-C stops the gateway, the regions and Azurite.
+shows it (add --format chart for a picture). The demo key logs its prompts and completions (CONTENT_LOG):
+".venv/bin/python -m usage content --key demo --format table" reads them a second after each request.
+Ctrl-C stops the gateway, the regions and Azurite.
 
 MSG
 "$PY" -m gateway serve --port "$PORT" &

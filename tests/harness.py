@@ -128,13 +128,13 @@ class Gateway:
     logs: CapturedLogs
     host: FunctionsHost
 
-    def create_key(self, name: str, limits: Limits | None = None) -> str:
-        """A new subscription key (with quotas) in the gateway's key table."""
+    def create_key(self, name: str, limits: Limits | None = None, *, log_content: bool = False) -> str:
+        """A new subscription key (with quotas, and content logging when asked) in the gateway's key table."""
 
         async def create() -> str:
             async with open_table_service(self.settings.storage) as service:
                 store = KeyStore(service, secret=self.settings.key_hash_secret)
-                return await store.create(name, limits=limits or Limits())
+                return await store.create(name, limits=limits or Limits(), log_content=log_content)
 
         return self.loop.run(create())
 
@@ -196,6 +196,12 @@ SETTING_WRITERS: dict[str, Callable[[Any], dict[str, str]]] = {
     "usage_buffer_size": lambda v: {"USAGE_BUFFER_SIZE": str(v)},
     "quota_cache_seconds": lambda v: {"QUOTA_CACHE_SECONDS": _seconds(v)},
     "quota_settle_seconds": lambda v: {"QUOTA_SETTLE_SECONDS": _seconds(v)},
+    "content_log": lambda v: {} if v is None else (
+        {"CONTENT_LOG": v.connection_string} if v.connection_string is not None
+        else {"CONTENT_LOG__blobServiceUri": v.blob_service_uri}),
+    "content_log_max_bytes": lambda v: {"CONTENT_LOG_MAX_BYTES": str(v)},
+    "content_log_redact": lambda v: {"CONTENT_LOG_REDACT": json.dumps(list(v))},
+    "content_log_buffer_bytes": lambda v: {"CONTENT_LOG_BUFFER_BYTES": str(v)},
 }
 _UNWRITTEN = {f.name for f in fields(Settings)} - set(SETTING_WRITERS)
 assert not _UNWRITTEN, f"tests/harness.py cannot write these Settings fields as app settings: {_UNWRITTEN}"
@@ -210,7 +216,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 #: settings of the developer's shell that must not leak into a test's worker
-_HOST_ONLY = ("AzureWebJobs", "ServiceBusConnection", "UsageStorage", "USAGE_", "AOAI_", "KEY_", "QUOTA_")
+_HOST_ONLY = ("AzureWebJobs", "ServiceBusConnection", "UsageStorage", "USAGE_", "AOAI_", "KEY_", "QUOTA_",
+              "CONTENT_LOG")
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""``python -m usage``: manage subscription keys and their quotas, and report usage."""
+"""``python -m usage``: manage subscription keys and their quotas, report usage, read content records."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from azure.core.exceptions import AzureError
 from azure.data.tables.aio import TableServiceClient
 from azure.identity.aio import DefaultAzureCredential
 
-from usage._config import SettingsError, load_storage_config, read_environment
+from usage._config import CONTENT_LOG_SETTING, SettingsError, load_blob_config, load_storage_config, read_environment
+from usage._content import open_blob_service, read_records, render_records
 from usage._keys import KeyRecord, KeyStore, KeyStoreError, Limits
 from usage._report import GROUPS, group, read_days, render
 from usage._tables import open_table_service
@@ -51,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     actions = keys.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="create a key and print it once")
     create.add_argument("--name", required=True, help="the team or app the key is for")
+    create.add_argument("--log-content", action="store_true",
+                        help="record this key's prompts and completions (where CONTENT_LOG is set)")
     set_quota = actions.add_parser("set-quota", help="change a key's token quotas ('none' removes one)")
     set_quota.add_argument("name")
     for command in (create, set_quota):
@@ -62,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="print a JSON list")
     revoke = actions.add_parser("revoke", help="disable a key (gateways notice within KEY_CACHE_SECONDS)")
     revoke.add_argument("name")
+    logging_ = actions.add_parser("set-logging", help="turn content logging of a key on or off "
+                                  "(gateways notice within KEY_CACHE_SECONDS)")
+    logging_.add_argument("name")
+    logging_.add_argument("state", choices=("on", "off"))
     report = commands.add_parser("report", help="usage over a date range, grouped, as table/csv/json/chart")
     report.add_argument("--key", help="only this key (team)")
     report.add_argument("--deployment", help="only this deployment")
@@ -73,13 +80,21 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--by", choices=GROUPS, default="key")
     report.add_argument("--format", choices=("table", "csv", "json", "chart"), default="table",
                         help="chart: bars of total tokens, e.g. with --by day for usage over time")
+    content = commands.add_parser("content", help="a key's recorded prompts and completions (CONTENT_LOG)")
+    content.add_argument("--key", required=True, help="the key (team) whose records to read")
+    content.add_argument("--since", type=_day, default=today, metavar="YYYY-MM-DD",
+                         help="first day of arrival (UTC, default: today)")
+    content.add_argument("--until", type=_day, default=today, metavar="YYYY-MM-DD",
+                         help="last day, included (UTC, default: today)")
+    content.add_argument("--request-id", help="only this request (its x-gateway-request-id)")
+    content.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
     return parser
 
 
 def _describe(record: KeyRecord) -> dict[str, Any]:
     return {"name": record.name, "enabled": record.enabled, "created_at": record.created_at.isoformat(),
             "tokens_per_minute": record.limits.tokens_per_minute, "tokens_per_day": record.limits.tokens_per_day,
-            "tokens_per_month": record.limits.tokens_per_month}
+            "tokens_per_month": record.limits.tokens_per_month, "log_content": record.log_content}
 
 
 def _quota_text(limits: Limits) -> str:
@@ -91,12 +106,14 @@ def _quota_text(limits: Limits) -> str:
 async def _keys(store: KeyStore, args: argparse.Namespace, out: TextIO) -> None:
     if args.action == "create":
         limits = Limits(**{dest: getattr(args, dest) for dest, _ in _LIMITS if hasattr(args, dest)})
-        key = await store.create(args.name, limits=limits)
+        key = await store.create(args.name, limits=limits, log_content=args.log_content)
         if args.json:
-            print(json.dumps({"name": args.name, "key": key, **{d: getattr(limits, d) for d, _ in _LIMITS}}), file=out)
+            print(json.dumps({"name": args.name, "key": key, **{d: getattr(limits, d) for d, _ in _LIMITS},
+                              "log_content": args.log_content}), file=out)
         else:
-            print(f"Created key for {args.name} ({_quota_text(limits)}). It is shown once; store it now:\n{key}",
-                  file=out)
+            logged = ", content logged" if args.log_content else ""
+            print(f"Created key for {args.name} ({_quota_text(limits)}{logged}). It is shown once; store it now:\n"
+                  f"{key}", file=out)
     elif args.action == "set-quota":
         current = (await store.get(args.name)).limits
         changes = {dest: getattr(args, dest) for dest, _ in _LIMITS if hasattr(args, dest)}
@@ -111,27 +128,53 @@ async def _keys(store: KeyStore, args: argparse.Namespace, out: TextIO) -> None:
         if args.json:
             print(json.dumps([_describe(r) for r in records]), file=out)
         else:
-            print(f"{'NAME':<32} {'STATE':<8} {'CREATED':<20} QUOTAS", file=out)
+            print(f"{'NAME':<32} {'STATE':<8} {'CREATED':<20} {'CONTENT':<8} QUOTAS", file=out)
             for record in records:
                 state = "enabled" if record.enabled else "revoked"
-                print(f"{record.name:<32} {state:<8} {record.created_at:%Y-%m-%d %H:%M:%SZ} "
+                logged = "logged" if record.log_content else "-"
+                print(f"{record.name:<32} {state:<8} {record.created_at:%Y-%m-%d %H:%M:%SZ} {logged:<8} "
                       f"{_quota_text(record.limits)}", file=out)
     elif args.action == "revoke":
         await store.revoke(args.name)
         print(f"Revoked {args.name}", file=out)
+    elif args.action == "set-logging":
+        await store.set_logging(args.name, on=args.state == "on")
+        print(f"Content logging of {args.name}: {args.state}", file=out)
+
+
+def _progress(message: str) -> None:  # on stderr, so stdout stays clean for csv and json
+    print(f"  .. {message}", file=sys.stderr, flush=True)
 
 
 async def _report(service: TableServiceClient, args: argparse.Namespace, out: TextIO) -> None:
-    def progress(message: str) -> None:  # on stderr, so stdout stays clean for csv and json
-        print(f"  .. {message}", file=sys.stderr, flush=True)
-
     days = await read_days(service, since=args.since, until=args.until, key=args.key, deployment=args.deployment,
-                           progress=progress)
+                           progress=_progress)
     print(render(group(days, args.by), args.by, args.format), file=out)
+
+
+async def _content(env: dict[str, str], args: argparse.Namespace, out: TextIO) -> int:
+    config = load_blob_config(env)
+    if config is None:
+        raise SettingsError(CONTENT_LOG_SETTING, f"is not set (give a connection string, or "
+                            f"{CONTENT_LOG_SETTING}__blobServiceUri)")
+    credential = DefaultAzureCredential() if config.uses_identity else None
+    try:
+        async with open_blob_service(config, credential=credential) as service:
+            records = await read_records(service, key=args.key, since=args.since, until=args.until,
+                                         request_id=args.request_id, progress=_progress)
+    finally:
+        if credential is not None:
+            await credential.close()
+    _progress(f"{len(records)} record(s)")
+    if records or args.format == "table":
+        print(render_records(records, args.format), file=out)
+    return 0
 
 
 async def _run(args: argparse.Namespace, out: TextIO) -> int:
     env = read_environment()
+    if args.command == "content":
+        return await _content(env, args, out)
     config = load_storage_config(env)
     credential = DefaultAzureCredential() if config.uses_identity else None
     try:
@@ -150,7 +193,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO = sys.stdout) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "report" and args.since > args.until:
+    if args.command in ("report", "content") and args.since > args.until:
         parser.error(f"--since {args.since} is after --until {args.until}")
     try:
         return asyncio.run(_run(args, out))
@@ -161,5 +204,6 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO = sys.stdout) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except AzureError as exc:
-        print(f"error: Table Storage: {type(exc).__name__}: {exc.message}", file=sys.stderr)
+        where = "Blob Storage" if args.command == "content" else "Table Storage"
+        print(f"error: {where}: {type(exc).__name__}: {exc.message}", file=sys.stderr)
         return 1

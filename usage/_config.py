@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 STORAGE_SETTING = "UsageStorage"
+CONTENT_LOG_SETTING = "CONTENT_LOG"
 
 
 class SettingsError(ValueError):
@@ -73,3 +74,31 @@ def load_storage_config(env: Mapping[str, str], name: str = STORAGE_SETTING) -> 
             raise SettingsError(f"{name}__tableServiceUri", "must be an http(s) URL")
         return StorageConfig(table_service_uri=uri.rstrip("/"))
     raise SettingsError(name, f"is not set (give a connection string, or {name}__tableServiceUri)")
+
+
+@dataclass(frozen=True, slots=True)
+class BlobStorageConfig:
+    """Blob Storage: a connection string, or an endpoint reached with managed identity."""
+
+    connection_string: str | None = field(default=None, repr=False)
+    blob_service_uri: str | None = None
+
+    @property
+    def uses_identity(self) -> bool:
+        return self.connection_string is None
+
+
+def load_blob_config(env: Mapping[str, str], name: str = CONTENT_LOG_SETTING) -> BlobStorageConfig | None:
+    """``<name>`` as a connection string (``UseDevelopmentStorage=true``: Azurite's blob service, which the
+    SDK reads itself), else ``<name>__blobServiceUri`` (managed identity); ``None`` when neither is set."""
+    connection = env.get(name, "").strip()
+    uri = env.get(f"{name}__blobServiceUri", "").strip()
+    if connection:
+        if "=" not in connection:
+            raise SettingsError(name, "is not a storage connection string")
+        return BlobStorageConfig(connection_string=connection)
+    if uri:
+        if not uri.startswith(("https://", "http://")):
+            raise SettingsError(f"{name}__blobServiceUri", "must be an http(s) URL")
+        return BlobStorageConfig(blob_service_uri=uri.rstrip("/"))
+    return None

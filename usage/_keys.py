@@ -3,7 +3,9 @@
 Table ``gatewaykeys``, one partition ``keys`` so a key's two rows change in one transaction:
 
 - ``RowKey = "hash-<hmac hex>"``: ``Name``, ``Enabled``, ``CreatedAt`` (the lookup a request makes);
-- ``RowKey = "name-<name>"``: ``Hash``, ``Enabled``, ``CreatedAt`` (list, revoke, unique names).
+- ``RowKey = "name-<name>"``: ``Hash``, ``Enabled``, ``CreatedAt`` (list, revoke, unique names);
+
+both with the quota columns and ``LogContent`` (the key's opt-in to content logging; absent = off).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class Limits:
 
 
 _LIMIT_COLUMNS = ("TokensPerMinute", "TokensPerDay", "TokensPerMonth")
+LOG_CONTENT = "LogContent"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,7 @@ class KeyRecord:
     enabled: bool
     created_at: datetime
     limits: Limits = Limits()
+    log_content: bool = False  # the key's prompts and completions are recorded (when CONTENT_LOG is set)
 
 
 def hash_key(key: str, secret: bytes = b"") -> str:
@@ -91,7 +95,8 @@ def _created(entity: Mapping[str, Any]) -> datetime:
 
 
 def _record(name: str, entity: Mapping[str, Any]) -> KeyRecord:
-    return KeyRecord(name, bool(entity.get("Enabled")), _created(entity), Limits.from_entity(entity))
+    return KeyRecord(name, bool(entity.get("Enabled")), _created(entity), Limits.from_entity(entity),
+                     log_content=entity.get(LOG_CONTENT) is True)
 
 
 def _with_limits(entity: dict[str, Any], limits: Limits) -> dict[str, Any]:
@@ -128,7 +133,7 @@ class KeyStore:
             return None
         return _record(str(entity["Name"]), entity)
 
-    async def create(self, name: str, *, limits: Limits = Limits()) -> str:
+    async def create(self, name: str, *, limits: Limits = Limits(), log_content: bool = False) -> str:
         """A new key for ``name`` (returned once, never stored in clear); replaces a revoked one."""
         if not KEY_NAME.fullmatch(name):
             raise KeyStoreError(f"key name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
@@ -137,9 +142,9 @@ class KeyStore:
         digest = hash_key(key, self._secret)
         now = datetime.now(UTC)
         name_row = _with_limits({"PartitionKey": PARTITION, "RowKey": "name-" + name, "Hash": digest,
-                                 "Enabled": True, "CreatedAt": now}, limits)
+                                 "Enabled": True, "CreatedAt": now, LOG_CONTENT: log_content}, limits)
         hash_row = _with_limits({"PartitionKey": PARTITION, "RowKey": "hash-" + digest, "Name": name,
-                                 "Enabled": True, "CreatedAt": now}, limits)
+                                 "Enabled": True, "CreatedAt": now, LOG_CONTENT: log_content}, limits)
         try:
             existing = await self._table.get_entity(PARTITION, "name-" + name)
         except ResourceNotFoundError:
@@ -188,6 +193,11 @@ class KeyStore:
         """Replace ``name``'s quotas with ``limits``."""
         name_row, hash_row = await self._rows(name)
         await self._submit([_replace(_with_limits(dict(row), limits), row) for row in (name_row, hash_row)], name)
+
+    async def set_logging(self, name: str, *, on: bool) -> None:
+        """Turn content logging for ``name`` on or off (gateways notice within KEY_CACHE_SECONDS)."""
+        name_row, hash_row = await self._rows(name)
+        await self._submit([_replace({**row, LOG_CONTENT: on}, row) for row in (name_row, hash_row)], name)
 
     async def get(self, name: str) -> KeyRecord:
         name_row, _ = await self._rows(name)
