@@ -17,7 +17,7 @@ fi
 
 pids=()          # Azurite and the regions: started in sessions of their own, so Ctrl-C reaches only the gateway
 gateway_pid=""
-azurite_pid=""
+azurite_pids=()  # stopped last, with SIGINT
 cleanup() {       # the gateway first (it finishes requests and flushes usage into Azurite), then what it needs
   trap - EXIT INT TERM
   if [ -n "$gateway_pid" ]; then
@@ -25,8 +25,8 @@ cleanup() {       # the gateway first (it finishes requests and flushes usage in
     wait "$gateway_pid" 2>/dev/null || true
   fi
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  # Azurite saves its tables on SIGINT only (SIGTERM would lose the last seconds' writes)
-  [ -n "$azurite_pid" ] && kill -INT "$azurite_pid" 2>/dev/null || true
+  # Azurite saves its data on SIGINT only (SIGTERM would lose the last seconds' writes)
+  for pid in "${azurite_pids[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -49,7 +49,7 @@ if [[ "$storage" == *"127.0.0.1:10002"* || "$storage" == "UseDevelopmentStorage=
     mkdir -p .local/azurite
     setsid node .azurite/node_modules/azurite/dist/src/table/main.js --tableHost 127.0.0.1 --tablePort 10002 \
       --location .local/azurite --disableTelemetry --skipApiVersionCheck >.local/azurite.log 2>&1 &
-    azurite_pid=$!
+    azurite_pids+=($!)
     wait_port 10002
     echo "run-local: Azurite table storage on http://127.0.0.1:10002 (log: .local/azurite.log)"
   fi
@@ -61,9 +61,9 @@ if [[ "$content_log" == *"127.0.0.1:10000"* || "$content_log" == "UseDevelopment
     echo "run-local: something already listens on 10000; using it as Blob Storage"
   else
     mkdir -p .local/azurite
-    node .azurite/node_modules/azurite/dist/src/blob/main.js --blobHost 127.0.0.1 --blobPort 10000 \
+    setsid node .azurite/node_modules/azurite/dist/src/blob/main.js --blobHost 127.0.0.1 --blobPort 10000 \
       --location .local/azurite --disableTelemetry --skipApiVersionCheck >.local/azurite-blob.log 2>&1 &
-    pids+=($!)
+    azurite_pids+=($!)
     wait_port 10000
     echo "run-local: Azurite blob storage on http://127.0.0.1:10000 (content log; log: .local/azurite-blob.log)"
   fi
