@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -57,6 +58,10 @@ class _Entry:
     retry_at: float = -math.inf  # no background refresh before this (set when one fails)
 
 
+#: how many "no such key" answers are remembered (each is a hash and a time: about 150 bytes)
+MAX_UNKNOWN = 10_000
+
+
 class KeyCache:
     """Looks keys up in the store and keeps the answers, keyed by the key's hash (no subscription
     key is kept in clear longer than the request that carried it).
@@ -86,7 +91,9 @@ class KeyCache:
         self._timeout = timeout
         self._clock = clock
         self._secret = secret
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, _Entry] = {}  # keys the store knows: as many as it holds
+        #: "no such key" answers, oldest first, at most ``MAX_UNKNOWN``: random keys cannot crowd out known ones
+        self._unknown: OrderedDict[str, float] = OrderedDict()
         self._inflight: dict[str, asyncio.Task[KeyRecord | None]] = {}
 
     async def authenticate(self, key: str | None) -> KeyRecord:
@@ -111,6 +118,9 @@ class KeyCache:
         """The entry to answer from (refreshing it in the background when it is stale), if any."""
         entry = self._entries.get(digest)
         if entry is None:
+            checked = self._unknown.get(digest)
+            if checked is not None and self._clock() - checked < self._ttl:
+                return _Entry(None, checked)
             return None
         now = self._clock()
         age = now - entry.checked
@@ -142,9 +152,16 @@ class KeyCache:
     async def _fetch(self, digest: str) -> KeyRecord | None:
         async with asyncio.timeout(self._timeout):
             record = await self._store.lookup_hash(digest)
-        if len(self._entries) > 100_000:
-            self._entries.clear()
-        self._entries[digest] = _Entry(record, self._clock())
+        now = self._clock()
+        if record is None:
+            self._entries.pop(digest, None)  # deleted from the store
+            self._unknown[digest] = now
+            self._unknown.move_to_end(digest)
+            while len(self._unknown) > MAX_UNKNOWN:
+                self._unknown.popitem(last=False)
+        else:
+            self._unknown.pop(digest, None)
+            self._entries[digest] = _Entry(record, now)
         return record
 
     def _settled(self, digest: str, task: asyncio.Task[KeyRecord | None]) -> None:

@@ -252,3 +252,22 @@ async def test_failed_read_keeps_the_last_figures_of_current_windows() -> None:
     await admit(guard, 10)
     with pytest.raises(QuotaExceeded):  # 250 read before + 20 admitted here + 40 > 300
         await admit(guard, 40)
+
+
+async def test_random_keys_cannot_evict_a_known_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flood of unknown keys leaves known keys cached: they still ride out a storage outage."""
+    import gateway._auth
+
+    monkeypatch.setattr(gateway._auth, "MAX_UNKNOWN", 50)
+    store, clock = FakeStore(), FakeClock()
+    store.add(KEY)
+    cache = key_cache(store, clock)
+    await authenticate(cache)
+    for n in range(200):
+        with pytest.raises(Unauthorized):
+            await authenticate(cache, f"gw-random-{n}")
+    store.error = ServiceRequestError("storage is down")
+    with pytest.raises(Unauthorized):  # the newest unknown answers are still remembered
+        await authenticate(cache, "gw-random-199")
+    clock.advance(TTL + 10)
+    assert (await authenticate(cache)).name == "team-unit"
