@@ -163,6 +163,10 @@ class FunctionsHost:
             binding = function.trigger
             if binding.get("type") != "serviceBusTrigger" or "queueName" not in binding or not self.enabled(function):
                 continue
+            connection = str(binding.get("connection", ""))
+            if not (self.settings.get(connection) or self.settings.get(f"{connection}__fullyQualifiedNamespace")):
+                log.info("function %s is not run: its connection setting %s is not set", function.name, connection)
+                continue
             try:
                 triggers.append(queue_trigger(function.name, function.function_id, binding, self.settings))
             except UnresolvedSetting as exc:
