@@ -19,6 +19,7 @@ from azure.identity.aio import DefaultAzureCredential
 from azure.servicebus.aio import ServiceBusClient
 
 from gateway import _tokens
+from gateway._affinity import AffinityMap
 from gateway._auth import KeyCache
 from gateway._backends import BackendPool
 from gateway._credentials import TokenProvider
@@ -163,6 +164,7 @@ class GatewayRuntime:
             sink=TeeSink(*sinks),
             timer=Timer.on(clock),
             wall_clock=wall_clock,
+            affinity=AffinityMap(tables, timeout=settings.key_lookup_timeout, wall_clock=wall_clock),
         )
 
     @staticmethod
