@@ -71,6 +71,7 @@ class ResponsesApi:
     stored: dict[str, Stored] = field(default_factory=dict)
     #: what each response's terminal event reported (or would have, had its stream not been cut)
     reported: dict[str, dict[str, Any]] = field(default_factory=dict)
+    last_stream: bytes = b""  # the frames of the last stream created, as sent
 
     def words(self) -> list[str]:
         return [WORDS[i % len(WORDS)] for i in range(self.output_tokens)]
@@ -164,4 +165,5 @@ class ResponsesApi:
                            + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
         if document["background"]:
             stored.events = encoded
+        self.last_stream = b"".join(encoded)
         return encoded
