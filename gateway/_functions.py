@@ -16,11 +16,12 @@ from gateway._runtime import GatewayRuntime
 
 log = logging.getLogger(__name__)
 
-_CALLS = r"(?:chat/completions|completions|embeddings|images/generations|audio/(?:transcriptions|translations|speech))"
+_MEDIA = r"images/generations|audio/(?:transcriptions|translations|speech)"
 #: The gateway's paths and the methods they take: another method gets 405, not 404.
 _GATEWAY_PATHS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     (re.compile(pattern, re.IGNORECASE), methods) for pattern, methods in (
-        (rf"/openai/(?:deployments/[^/]+|v1)/{_CALLS}/?", "POST"),
+        (rf"/openai/deployments/[^/]+/(?:chat/completions|completions|embeddings|{_MEDIA})/?", "POST"),
+        (rf"/openai/v1/(?:chat/completions|embeddings|{_MEDIA})/?", "POST"),
         (r"/openai/(?:v1/)?responses/?", "POST"),
         (r"/openai/(?:v1/)?responses/[^/]+/?", "GET, DELETE"),
         (r"/openai/(?:v1/)?responses/[^/]+/cancel/?", "POST"),
@@ -67,7 +68,7 @@ async def list_models(runtime: GatewayRuntime, request: Request) -> StreamingRes
 async def not_routed(request: Request) -> StreamingResponse:
     """404 for a path the gateway does not serve, 405 for a gateway path with the wrong method."""
     for pattern, methods in _GATEWAY_PATHS:
-        if pattern.fullmatch(request.url.path):
+        if pattern.fullmatch(request.url.path) and request.method not in methods.split(", "):
             return error_response(MethodNotAllowed(
                 f"{request.method} is not allowed here; use {methods.replace(', ', ' or ')}.",
                 headers={"allow": methods}))

@@ -64,6 +64,7 @@ class StoredResponse:
     created_at: float | None
     model: str
     usage: Usage | None
+    store: bool = True  # kept by the backend (``store: false`` responses cannot be named later)
 
     @property
     def terminal(self) -> bool:
@@ -86,6 +87,7 @@ def stored_response(document: Any) -> StoredResponse | None:
         created_at=float(created) if isinstance(created, int | float) and not isinstance(created, bool) else None,
         model=model if isinstance(model, str) else "",
         usage=Usage.from_body(document.get("usage")),
+        store=document.get("store") is not False,
     )
 
 
@@ -277,7 +279,7 @@ class StoredResponses:
     async def record(self, call: Call, backend: BackendConfig, response: StoredResponse | None, *,
                      key_name: str) -> None:
         """Record where a response just made lives, before the client can name it in another call."""
-        if response is None or call.endpoint.stored:
+        if response is None or call.endpoint.stored or not response.store:
             return
         await self._affinity.record(response.id, backend=backend.name, deployment=call.deployment,
                                     key_name=key_name, created=response.created_at)

@@ -126,6 +126,7 @@ def test_media_routes_refuse_what_they_cannot_route(gw: Gateway) -> None:
         (http("GET", gw.url + "/openai/v1/responses", headers={"api-key": gw.key}), 405, "MethodNotAllowed"),
         (http("PUT", gw.url + "/openai/responses/resp_1", headers={"api-key": gw.key}), 405, "MethodNotAllowed"),
         (http("GET", gw.url + "/openai/v1/responses/bad%20id", headers={"api-key": gw.key}), 400, "InvalidResponseId"),
+        (http("POST", gw.url + "/openai/v1/completions", headers={"api-key": gw.key}, body=b"{}"), 404, "404"),
     ]
     for response, status, code in cases:
         assert (response.status, response.json()["error"]["code"]) == (status, code), response.text
