@@ -49,9 +49,9 @@ fi
 backends=$(setting AOAI_BACKENDS)
 if [[ "$backends" == *"127.0.0.1:8001"* ]]; then
   mkdir -p .local
-  "$PY" -m gateway.simulator --port 8001 --region eastus --api-key sim-key-eastus >.local/sim-eastus.log 2>&1 &
+  "$PY" -m devkit.simulator --port 8001 --region eastus --api-key sim-key-eastus >.local/sim-eastus.log 2>&1 &
   pids+=($!)
-  "$PY" -m gateway.simulator --port 8002 --region westus --api-key sim-key-westus >.local/sim-westus.log 2>&1 &
+  "$PY" -m devkit.simulator --port 8002 --region westus --api-key sim-key-westus >.local/sim-westus.log 2>&1 &
   pids+=($!)
   wait_port 8001; wait_port 8002
   echo "run-local: simulated AOAI regions eastus on :8001 and westus on :8002"
