@@ -10,21 +10,36 @@ background stream's events are kept, so ``GET …?stream=true&starting_after=N``
 Usage is a tokenizing imitation: input tokens are ``o200k_base`` tokens of the instructions and the
 input items' text, plus 4 per item and 3 per request, plus the whole of the previous response's
 input and output when ``previous_response_id`` continues one (the region knows that state; the
-request body does not show it). Output tokens are the output deltas, one token each.
+request body does not show it). Output tokens are the output deltas, one ``o200k_base`` token each
+(as the service streams them), from a story told over and over.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway._tokens import count
+from gateway._tokens import count, encoding
 
-WORDS = ("Once", " upon", " a", " time", ",", " a", " gateway", " relayed", " every", " token", " of",
-         " a", " story", " about", " regions", " and", " failover", ".", " The", " end")
+STORY = (" Once upon a time, a gateway relayed every token of a story about regions and failover: when"
+         " eastus throttled, westus answered, and each team's usage was counted exactly once. The end.")
+
+
+@functools.cache
+def story_tokens() -> tuple[str, ...]:
+    """The story as the deltas a region streams: one token each."""
+    o200k = encoding("o200k_base")
+    return tuple(o200k.decode([token]) for token in o200k.encode(STORY))
+
+
+def output_deltas(tokens: int) -> list[str]:
+    """The first ``tokens`` tokens of the story told over and over."""
+    told = story_tokens()
+    return [told[i % len(told)] for i in range(tokens)]
 
 
 def _texts(item: Any) -> list[str]:
@@ -74,7 +89,7 @@ class ResponsesApi:
     last_stream: bytes = b""  # the frames of the last stream created, as sent
 
     def words(self) -> list[str]:
-        return [WORDS[i % len(WORDS)] for i in range(self.output_tokens)]
+        return output_deltas(self.output_tokens)
 
     def usage(self, body: dict[str, Any], output: int) -> dict[str, Any]:
         prompt = input_tokens(body)

@@ -9,7 +9,7 @@ from typing import Any
 import openai
 import pytest
 
-from devkit._sim_responses import WORDS
+from devkit._sim_responses import output_deltas
 from gateway import _tokens
 from gateway._affinity import AFFINITY_TABLE
 from tests.harness import Gateway, http
@@ -28,7 +28,7 @@ def azure_client(gw: Gateway, **options: Any) -> openai.AzureOpenAI:
 
 
 def story(count: int = 20) -> str:
-    return "".join(WORDS[i % len(WORDS)] for i in range(count))
+    return "".join(output_deltas(count))
 
 
 def affinity_row(gw: Gateway, response_id: str) -> dict[str, Any] | None:
