@@ -20,7 +20,7 @@ AUDIO = b"RIFF" + bytes(range(256)) * 40 + b"\r\n--not-a-boundary\r\n"  # bytes 
 def mapped(regions: tuple[BackendConfig, ...]) -> tuple[BackendConfig, ...]:
     east, west = regions
     return (replace(east, deployments={"gpt-image-1": "gpt-image-1", "gpt-4o-transcribe": "gpt-4o-transcribe-east",
-                                       "whisper": "whisper", "tts": "tts", "gpt-4o": "gpt-4o"}),
+                                       "whisper": "whisper", "tts": "tts", "gpt-4o": "gpt-4o", "chat": "gpt-4o-east"}),
             replace(west, deployments={"gpt-image-1": "gpt-image-1-west", "gpt-4o-transcribe": "gpt-4o-transcribe",
                                        "whisper": "whisper", "tts": "tts", "o3": "o3"}))
 
@@ -47,7 +47,7 @@ def test_models_lists_the_deployments_the_backends_serve(storage: str) -> None:
 
     with running_gateway(storage, backends=one_listed) as gateway:
         models = v1_client(gateway).models.list()
-        assert [m.id for m in models.data] == ["gpt-4o", "gpt-4o-transcribe", "gpt-image-1", "tts", "whisper"]
+        assert [m.id for m in models.data] == ["chat", "gpt-4o", "gpt-4o-transcribe", "gpt-image-1", "tts", "whisper"]
         assert all(m.object == "model" for m in models.data)
         [record] = gateway.sink.wait(1)
         assert (record.operation, record.status, record.total_tokens, record.usage_source) == ("models", 200, 0, "none")
@@ -101,6 +101,16 @@ def test_transcription_form_passes_unchanged_but_its_model(gw: Gateway) -> None:
     assert answer.status == 200, answer.text
     assert gw.eastus.received[-1].raw == form.replace(b"\r\n\r\ngpt-4o-transcribe\r\n",
                                                        b"\r\n\r\ngpt-4o-transcribe-east\r\n")
+
+
+def test_responses_model_is_renamed_for_the_backend(gw: Gateway) -> None:
+    """On /openai/responses the deployment is the body's model, renamed for the backend as on the v1 path."""
+    made = azure_client(gw).responses.create(model="chat", input="Hi")
+    sent = gw.eastus.received[-1]
+    assert (sent.path, sent.body["model"]) == ("/openai/responses", "gpt-4o-east")
+    azure_client(gw).responses.retrieve(made.id)
+    records = gw.sink.wait(2)
+    assert [(r.operation, r.deployment) for r in records] == [("responses", "chat"), ("responses.retrieve", "chat")]
 
 
 def test_speech_answers_audio_without_usage(gw: Gateway) -> None:
