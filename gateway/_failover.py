@@ -73,7 +73,7 @@ class Failover:
         #: nothing about the backend's other deployments
         self._no_stream_options: set[tuple[str, str, str | None]] = set()
 
-    async def _post(
+    async def _attempt(
         self, call: Call, backend: BackendConfig, *, with_usage: bool, deadline: float
     ) -> aiohttp.ClientResponse:
         headers = dict(call.headers)
@@ -105,7 +105,7 @@ class Failover:
             refused = (backend.name, call.deployment, call.api_version)
             with_usage = call.add_usage and refused not in self._no_stream_options
             try:
-                upstream = await self._post(call, backend, with_usage=with_usage, deadline=deadline)
+                upstream = await self._attempt(call, backend, with_usage=with_usage, deadline=deadline)
                 if upstream.status == 400 and with_usage:
                     body = await upstream.read()
                     upstream.release()
@@ -115,7 +115,7 @@ class Failover:
                                 backend.name, call.deployment, call.api_version)
                     self._no_stream_options.add(refused)
                     with_usage = False
-                    upstream = await self._post(call, backend, with_usage=False, deadline=deadline)
+                    upstream = await self._attempt(call, backend, with_usage=False, deadline=deadline)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 timed_out = isinstance(exc, TimeoutError)
                 failure = _Failure(backend.name, timed_out=timed_out)

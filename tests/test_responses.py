@@ -205,6 +205,28 @@ def test_pinned_call_throttled_without_retry_headers_waits_the_default_cool_down
     assert again.value.response.headers["retry-after"] == "10"
 
 
+def test_the_map_is_shared_through_the_table(gateway: Gateway) -> None:
+    """What another instance recorded in the table sends this one straight to the response's region."""
+    import time
+
+    from gateway._affinity import AffinityMap
+
+    stored = gateway.westus.responses.create({"model": "gpt-4o", "input": PROMPT})
+    gateway.westus.responses.finish(stored)
+    response_id = stored.document["id"]
+
+    async def recorded_elsewhere() -> None:
+        async with open_table_service(gateway.settings.storage) as service:
+            other = AffinityMap(service, timeout=2.0, wall_clock=time.time)
+            assert await other.record(response_id, backend="westus", deployment="gpt-4o", key_name="team-other")
+
+    gateway.loop.run(recorded_elsewhere())
+    client = v1_client(gateway)
+    assert client.responses.retrieve(response_id).output_text == story()
+    assert client.responses.create(model="gpt-4o", input="More", previous_response_id=response_id).output_text
+    assert gateway.eastus.received == [] and len(gateway.westus.received) == 2
+
+
 def test_a_response_the_map_does_not_know_is_found_in_its_region(gateway: Gateway) -> None:
     """A response made without the gateway (or whose record was lost) is looked for in each region once, then
     remembered: calls on it go where it is."""
