@@ -11,11 +11,10 @@ import typing
 import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, StreamingResponse
 
-from gateway import GatewayRuntime, not_routed, proxy_request
+from gateway import GatewayRuntime, list_models, not_routed, proxy_request, stored_response_request
 from usage import AggregatorRuntime, aggregate_messages
 
 # The worker forwards every log record to the host; the Azure SDKs log each storage, Service Bus and
-# token call at INFO, which would cost every request.
 # token call at INFO, which would cost every request; the runtime's HTTP server (uvicorn) would write an
 # access line per request (the host and Application Insights already record requests).
 for _sdk in ("azure.core", "azure.identity", "azure.data.tables", "azure.servicebus", "azure.monitor"):
@@ -51,6 +50,97 @@ async def v1_chat_completions(req: Request) -> StreamingResponse:
 @app.route(route="openai/v1/embeddings", methods=["POST"])
 async def v1_embeddings(req: Request) -> StreamingResponse:
     return await proxy_request(runtime, req, operation="embeddings", v1=True)
+
+
+@app.route(route="openai/v1/models", methods=["GET"])
+async def v1_models(req: Request) -> StreamingResponse:
+    return await list_models(runtime, req)
+
+
+# -- the Responses API: v1 (no api-version, or "preview") and /openai/responses?api-version=... --------------
+
+
+@app.route(route="openai/v1/responses", methods=["POST"])
+async def v1_responses(req: Request) -> StreamingResponse:
+    return await proxy_request(runtime, req, operation="responses", v1=True)
+
+
+@app.route(route="openai/responses", methods=["POST"])
+async def responses(req: Request) -> StreamingResponse:
+    return await proxy_request(runtime, req, operation="responses", v1=False)
+
+
+@app.route(route="openai/v1/responses/{response_id}", methods=["GET", "DELETE"])
+async def v1_response(req: Request) -> StreamingResponse:
+    return await stored_response_request(runtime, req, action=None, v1=True)
+
+
+@app.route(route="openai/responses/{response_id}", methods=["GET", "DELETE"])
+async def response(req: Request) -> StreamingResponse:
+    return await stored_response_request(runtime, req, action=None, v1=False)
+
+
+@app.route(route="openai/v1/responses/{response_id}/cancel", methods=["POST"])
+async def v1_response_cancel(req: Request) -> StreamingResponse:
+    return await stored_response_request(runtime, req, action="cancel", v1=True)
+
+
+@app.route(route="openai/responses/{response_id}/cancel", methods=["POST"])
+async def response_cancel(req: Request) -> StreamingResponse:
+    return await stored_response_request(runtime, req, action="cancel", v1=False)
+
+
+@app.route(route="openai/v1/responses/{response_id}/input_items", methods=["GET"])
+async def v1_response_input_items(req: Request) -> StreamingResponse:
+    return await stored_response_request(runtime, req, action="input_items", v1=True)
+
+
+@app.route(route="openai/responses/{response_id}/input_items", methods=["GET"])
+async def response_input_items(req: Request) -> StreamingResponse:
+    return await stored_response_request(runtime, req, action="input_items", v1=False)
+
+
+# -- images and audio: the deployment in the path, or (v1) the JSON body's or the form's "model" -------------
+
+
+@app.route(route="openai/deployments/{deployment}/images/generations", methods=["POST"])
+async def images_generations(req: Request) -> StreamingResponse:
+    return await proxy_request(runtime, req, operation="images", v1=False)
+
+
+@app.route(route="openai/v1/images/generations", methods=["POST"])
+async def v1_images_generations(req: Request) -> StreamingResponse:
+    return await proxy_request(runtime, req, operation="images", v1=True)
+
+
+@app.route(route="openai/deployments/{deployment}/audio/transcriptions", methods=["POST"])
+async def audio_transcriptions(req: Request) -> StreamingResponse:
+    return await proxy_request(runtime, req, operation="audio.transcriptions", v1=False)
+
+
+@app.route(route="openai/v1/audio/transcriptions", methods=["POST"])
+async def v1_audio_transcriptions(req: Request) -> StreamingResponse:
+    return await proxy_request(runtime, req, operation="audio.transcriptions", v1=True)
+
+
+@app.route(route="openai/deployments/{deployment}/audio/translations", methods=["POST"])
+async def audio_translations(req: Request) -> StreamingResponse:
+    return await proxy_request(runtime, req, operation="audio.translations", v1=False)
+
+
+@app.route(route="openai/v1/audio/translations", methods=["POST"])
+async def v1_audio_translations(req: Request) -> StreamingResponse:
+    return await proxy_request(runtime, req, operation="audio.translations", v1=True)
+
+
+@app.route(route="openai/deployments/{deployment}/audio/speech", methods=["POST"])
+async def audio_speech(req: Request) -> StreamingResponse:
+    return await proxy_request(runtime, req, operation="audio.speech", v1=False)
+
+
+@app.route(route="openai/v1/audio/speech", methods=["POST"])
+async def v1_audio_speech(req: Request) -> StreamingResponse:
+    return await proxy_request(runtime, req, operation="audio.speech", v1=True)
 
 
 @app.route(route="{*path}")

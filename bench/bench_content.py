@@ -33,6 +33,7 @@ from bench_gateway import cpu_seconds, one_stream, process, progress, worker_of 
 from devkit.services import azurite, free_port  # noqa: E402
 from devkit.simulator import SimulatedRegion  # noqa: E402
 from gateway._contentlog import ContentLog, Pending, RecordMaker, content_publisher  # noqa: E402
+from gateway._endpoints import endpoint  # noqa: E402
 from gateway._records import UsageRecord  # noqa: E402
 from gateway._request import Call  # noqa: E402
 from gateway._settings import BackendConfig, Settings  # noqa: E402
@@ -82,7 +83,8 @@ def _sample(chunks: int) -> Pending:
         frames.append(b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n")
     frames.append(b"data: [DONE]\n\n")
     body = {"messages": [{"role": "user", "content": "Say hello"}], "stream": True}
-    call = Call(operation="chat/completions", v1=False, deployment="gpt-4o", body=body, raw=json.dumps(body).encode(),
+    call = Call(endpoint=endpoint("chat/completions", v1=False),
+                deployment="gpt-4o", body=body, raw=json.dumps(body).encode(),
                 stream=True, query="", api_version="2024-10-21", client_usage=False, add_usage=True)
     usage = UsageRecord(request_id="r" * 32, time="2026-11-29T13:45:00+00:00", key_name="bench", deployment="gpt-4o",
                         model=region.model, backend="fast", operation="chat/completions", streaming=True,

@@ -5,6 +5,12 @@ empty ``choices``, a role chunk, content chunks with ``content_filter_results``,
 ``finish_reason`` chunk, and, only with ``stream_options.include_usage``, a usage chunk with empty
 ``choices`` (every other chunk then carries ``"usage": null``), then ``data: [DONE]``.
 
+The Responses API (``devkit/_sim_responses.py``): create, streamed or not, background mode, and
+the by-id routes, on both path styles; a response exists only in the region that made it.
+Images (``images/generations``: ``usage`` for ``gpt-image-*`` deployments) and audio
+(``audio/transcriptions`` and ``translations`` take multipart forms; ``usage`` for ``gpt-4o-*``
+transcriptions; ``audio/speech`` answers audio bytes, no usage).
+
 Failures: ``429`` (with ``retry-after``/``retry-after-ms``), ``500``, ``hang`` (never answers),
 ``cut`` (stream broken off mid-way), ``stall`` (stream stops mid-way, connection kept), queued
 per request with ``fail_next`` or set for every request with ``mode``. A prompt containing
@@ -25,9 +31,14 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from email.message import Message
+from email.parser import BytesParser
+from email.policy import HTTP
 from typing import Any
 
 from aiohttp import web
+
+from devkit._sim_responses import ResponsesApi, Stored
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +55,9 @@ class Received:
     path: str
     query: dict[str, str]
     headers: dict[str, str]
-    body: Any
+    body: Any  # the JSON body; for a multipart form, its text fields (a file as {"filename", "size"})
+    method: str = "POST"
+    raw: bytes = b""
 
 
 @dataclass
@@ -64,6 +77,11 @@ class SimulatedRegion:
     stream_options_since: str = "2024-09-01"
     #: the pieces of text answered (one per chunk); ``None``: ``chunks`` words of a fixed sentence
     words: tuple[str, ...] | None = None
+    #: deployments that answer 400 to ``stream_options`` whatever the api-version ("on your data", say)
+    stream_options_refused: set[str] = field(default_factory=set)
+    #: on a 429, ``x-ratelimit-reset-tokens`` (AOAI's Responses 429s were seen with -1 or 0 and no retry-after)
+    ratelimit_reset: str | None = None
+    responses: ResponsesApi = field(default_factory=ResponsesApi)
     received: list[Received] = field(default_factory=list)
     streams_started: int = 0
     streams_finished: int = 0
@@ -79,6 +97,12 @@ class SimulatedRegion:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         app = web.Application(client_max_size=64 * 1024 * 1024)
+        for root in ("/openai/v1", "/openai"):
+            app.router.add_post(root + "/responses", self._create_response)
+            app.router.add_get(root + "/responses/{id}", self._retrieve_response)
+            app.router.add_delete(root + "/responses/{id}", self._delete_response)
+            app.router.add_post(root + "/responses/{id}/cancel", self._cancel_response)
+            app.router.add_get(root + "/responses/{id}/input_items", self._input_items)
         app.router.add_post("/openai/deployments/{deployment}/{operation:.+}", self._handle)
         app.router.add_post("/openai/v1/{operation:.+}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -117,6 +141,10 @@ class SimulatedRegion:
             extra["retry-after"] = self.retry_after
         if self.retry_after_ms is not None:
             extra["retry-after-ms"] = self.retry_after_ms
+        if self.ratelimit_reset is not None:
+            extra.update({"x-ratelimit-reset-tokens": self.ratelimit_reset,
+                          "x-ratelimit-reset-requests": self.ratelimit_reset,
+                          "x-ratelimit-remaining-tokens": "0", "x-ratelimit-remaining-requests": "-1"})
         return self._error(429, "429", "Requests to the ChatCompletions_Create Operation under Azure OpenAI "
                            "API version 2024-10-21 have exceeded token rate limit of your current OpenAI S0 "
                            f"pricing tier. Please retry after {self.retry_after or 1} seconds.", extra)
@@ -133,25 +161,53 @@ class SimulatedRegion:
             chunk["usage"] = None
         return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        try:
-            body = await request.json()
-        except ValueError:
-            return self._error(400, "InvalidRequestBody", "The request body is not valid JSON.")
-        operation = request.match_info["operation"]
-        self.received.append(Received(request.path, dict(request.query), dict(request.headers), body))
+    async def _received(self, request: web.Request) -> tuple[Any, web.Response | None]:
+        """Record the request; its body, or the answer that refuses it."""
+        raw = await request.read()
+        body: Any = None
+        refusal: web.Response | None = None
+        if request.content_type == "multipart/form-data":
+            body = _form_fields(request.headers["content-type"], raw)
+        elif raw:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                refusal = self._error(400, "InvalidRequestBody", "The request body is not valid JSON.")
+        self.received.append(Received(request.path, dict(request.query), dict(request.headers), body,
+                                      method=request.method, raw=raw))
+        return body, refusal
+
+    async def _failure(self, request: web.Request) -> tuple[str | None, web.Response | None]:
+        """The failure scripted for this request (by ``fail_next`` or ``mode``), and the answer it makes."""
         if self.api_key is not None:
             sent = request.headers.get("api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
             if sent != self.api_key:
-                return self._error(401, "401", "Access denied due to invalid subscription key or wrong API endpoint.")
+                return None, self._error(401, "401", "Access denied due to invalid subscription key or wrong API "
+                                         "endpoint.")
         kind = self._script.popleft() if self._script else self.mode
         if kind == "429":
-            return self._throttled()
+            return kind, self._throttled()
         if kind == "500":
-            return self._error(500, "InternalServerError", "The server had an error while processing your request.")
+            return kind, self._error(500, "InternalServerError", "The server had an error while processing your "
+                                     "request.")
         if kind == "hang":
             await self._stopping.wait()
-            return self._error(503, "ServiceUnavailable", "The region is shutting down.")
+            return kind, self._error(503, "ServiceUnavailable", "The region is shutting down.")
+        return kind, None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body, refusal = await self._received(request)
+        if refusal is not None:
+            return refusal
+        if not isinstance(body, dict):
+            return self._error(400, "InvalidRequestBody", "The request body must be a JSON object.")
+        operation = request.match_info["operation"]
+        kind, failure = await self._failure(request)
+        if failure is not None:
+            return failure
+        deployment = request.match_info.get("deployment") or str(body.get("model", ""))
+        if operation.startswith(("images/", "audio/")):
+            return self._media(operation, deployment, body)
         if "FILTER_ME" in json.dumps(body):
             return self._error(
                 400, "content_filter",
@@ -166,7 +222,7 @@ class SimulatedRegion:
             if not stream:
                 return self._error(400, "invalid_request_error",
                                    "The 'stream_options' parameter is only allowed when 'stream' is enabled.")
-            if version and version[:10] < self.stream_options_since:
+            if (version and version[:10] < self.stream_options_since) or deployment in self.stream_options_refused:
                 return self._error(400, "BadRequest", "Unrecognized request argument supplied: stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         if not stream and self.first_chunk_delay:  # a whole answer is sent when it is all generated
@@ -176,6 +232,147 @@ class SimulatedRegion:
         if stream:
             return await self._stream(request, body, operation, include_usage, kind)
         return self._complete(body, operation)
+
+    # -- images and audio --------------------------------------------------------------------------
+
+    def _media(self, operation: str, deployment: str, body: dict[str, Any]) -> web.Response:
+        prompt = str(body.get("prompt") or body.get("input") or "")
+        if operation == "audio/speech":
+            return web.Response(body=b"ID3" + prompt.encode()[:64], content_type="audio/mpeg", headers=self._headers())
+        if operation == "images/generations":
+            n = body.get("n")
+            count = n if isinstance(n, int) else 1
+            document: dict[str, Any] = {"created": int(time.time()),
+                                        "data": [{"b64_json": "aW1hZ2U="} for _ in range(count)]}
+            if deployment.startswith("gpt-image"):
+                text = 7 + len(prompt) // 4
+                document["usage"] = {"input_tokens": text, "output_tokens": 272 * count,
+                                     "total_tokens": text + 272 * count,
+                                     "input_tokens_details": {"text_tokens": text, "image_tokens": 0}}
+            return web.json_response(document, headers=self._headers())
+        document = {"text": "Hello from the simulated region."}
+        if operation == "audio/transcriptions" and deployment.startswith("gpt-4o"):
+            audio = 10 + int(body.get("file", {}).get("size", 0)) // 1000
+            document["usage"] = {"type": "tokens", "input_tokens": audio, "output_tokens": 8, "total_tokens": audio + 8,
+                                 "input_token_details": {"text_tokens": 0, "audio_tokens": audio}}
+        return web.json_response(document, headers=self._headers())
+
+    # -- the Responses API ---------------------------------------------------------------------------
+
+    def _not_found(self, response_id: str) -> web.Response:
+        return self._error(404, "not_found", f"Response with id '{response_id}' not found.")
+
+    async def _create_response(self, request: web.Request) -> web.StreamResponse:
+        body, refusal = await self._received(request)
+        if refusal is not None:
+            return refusal
+        if not isinstance(body, dict):
+            return self._error(400, "InvalidRequestBody", "The request body must be a JSON object.")
+        kind, failure = await self._failure(request)
+        if failure is not None:
+            return failure
+        previous = body.get("previous_response_id")
+        if previous is not None and previous not in self.responses.stored:
+            return self._error(400, "previous_response_not_found",
+                               f"Previous response with id '{previous}' not found.",
+                               inner={"param": "previous_response_id"})
+        if "FILTER_ME" in json.dumps(body):
+            return self._error(400, "content_filter", "The response was filtered due to the prompt triggering "
+                               "Azure OpenAI's content management policy.")
+        if self.first_chunk_delay:
+            await asyncio.sleep(self.first_chunk_delay)
+        stored = self.responses.create(body)
+        if body.get("stream") is True:
+            return await self._stream_events(request, self.responses.events(stored), kind)
+        if not stored.document["background"]:
+            self.responses.finish(stored)
+        return web.json_response(self.responses.public(stored), headers=self._headers())
+
+    async def _stream_events(self, request: web.Request, frames: list[bytes], kind: str | None) -> web.StreamResponse:
+        response = web.StreamResponse(headers={**self._headers(), "content-type": "text/event-stream; charset=utf-8"})
+        await response.prepare(request)
+        self.streams_started += 1
+        try:
+            for index, frame in enumerate(frames):
+                if index and self.chunk_delay:
+                    await asyncio.sleep(self.chunk_delay)
+                if index == len(frames) // 2 and kind in ("cut", "stall"):
+                    if kind == "stall":
+                        await self._stopping.wait()
+                    else:
+                        await asyncio.sleep(0.05)
+                    assert request.transport is not None
+                    request.transport.close()
+                    return response
+                await response.write(frame)
+            await response.write_eof()
+        except ConnectionError:
+            self.streams_abandoned += 1
+            return response
+        except asyncio.CancelledError:
+            self.streams_abandoned += 1
+            raise
+        self.streams_finished += 1
+        return response
+
+    async def _stored(self, request: web.Request) -> tuple[Stored | None, web.StreamResponse | None]:
+        _, refusal = await self._received(request)
+        if refusal is not None:
+            return None, refusal
+        _, failure = await self._failure(request)
+        if failure is not None:
+            return None, failure
+        response_id = request.match_info["id"]
+        stored = self.responses.stored.get(response_id)
+        return stored, None if stored is not None else self._not_found(response_id)
+
+    async def _retrieve_response(self, request: web.Request) -> web.StreamResponse:
+        stored, answer = await self._stored(request)
+        if stored is None:
+            assert answer is not None
+            return answer
+        if request.query.get("stream") == "true":
+            if not stored.events:
+                return self._error(400, "invalid_request_error", "Only background responses can be streamed again.")
+            after = int(request.query.get("starting_after", "-1"))
+            return await self._stream_events(request, stored.events[after + 1:], None)
+        return web.json_response(self.responses.retrieve(stored), headers=self._headers())
+
+    async def _delete_response(self, request: web.Request) -> web.StreamResponse:
+        stored, answer = await self._stored(request)
+        if stored is None:
+            assert answer is not None
+            return answer
+        del self.responses.stored[stored.document["id"]]
+        return web.json_response({"id": stored.document["id"], "object": "response.deleted", "deleted": True},
+                                 headers=self._headers())
+
+    async def _cancel_response(self, request: web.Request) -> web.StreamResponse:
+        stored, answer = await self._stored(request)
+        if stored is None:
+            assert answer is not None
+            return answer
+        if not stored.document["background"]:
+            return self._error(400, "invalid_request_error", "Only background responses can be cancelled.")
+        if stored.document["status"] in ("queued", "in_progress"):
+            self.responses.finish(stored, "cancelled")
+        return web.json_response(self.responses.public(stored), headers=self._headers())
+
+    async def _input_items(self, request: web.Request) -> web.StreamResponse:
+        stored, answer = await self._stored(request)
+        if stored is None:
+            assert answer is not None
+            return answer
+        source = stored.document.get("input")
+        items = source if isinstance(source, list) else [{"role": "user", "content": source}]
+        data = [{"id": f"msg_{i}", "type": "message", "status": "completed", "role": item.get("role", "user"),
+                 "content": [{"type": "input_text", "text": item.get("content")}]}
+                for i, item in enumerate(items) if isinstance(item, dict)]
+        return web.json_response({"object": "list", "data": data, "first_id": "msg_0",
+                                  "last_id": f"msg_{max(len(data) - 1, 0)}", "has_more": False},
+                                 headers=self._headers())
+
+    # -- chat and completions ------------------------------------------------------------------------
 
     def _usage(self, body: dict[str, Any], completion: int) -> dict[str, Any]:
         prompt = self.prompt_tokens(body)
@@ -277,6 +474,22 @@ class SimulatedRegion:
             raise
         self.streams_finished += 1
         return response
+
+
+def _form_fields(content_type: str, raw: bytes) -> dict[str, Any]:
+    """A multipart form's fields: text as text, a file as its name and size."""
+    message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
+    fields: dict[str, Any] = {}
+    for part in message.iter_parts() if message.is_multipart() else ():
+        assert isinstance(part, Message)
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        data = payload if isinstance(payload, bytes) else b""
+        if part.get_filename() is not None:
+            fields[str(name)] = {"filename": part.get_filename(), "size": len(data)}
+        else:
+            fields[str(name)] = data.decode()
+    return fields
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from gateway._exceptions import (
     UpstreamFailed,
     UpstreamTimedOut,
 )
-from gateway._functions import not_routed, proxy_request
+from gateway._functions import list_models, not_routed, proxy_request, stored_response_request
 from gateway._records import LoggingSink, Usage, UsageRecord, UsageSink
 from gateway._runtime import GatewayRuntime
 from gateway._settings import BackendConfig, Settings, load_settings
@@ -41,7 +41,9 @@ __all__ = [
     "Usage",
     "UsageRecord",
     "UsageSink",
+    "list_models",
     "load_settings",
     "not_routed",
     "proxy_request",
+    "stored_response_request",
 ]

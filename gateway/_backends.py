@@ -75,15 +75,24 @@ class BackendPool:
         self._random = random
         self._cooling: dict[tuple[str, str], _Cooling] = {}
 
+    @property
+    def backends(self) -> tuple[BackendConfig, ...]:
+        return self._backends
+
     def serving(self, deployment: str) -> list[BackendConfig]:
         return [b for b in self._backends if b.serves(deployment)]
 
-    def choose(self, deployment: str, *, exclude: set[str]) -> BackendConfig | None:
-        """A backend for ``deployment`` not in ``exclude`` and not cooling, or ``None``."""
+    def named(self, name: str) -> BackendConfig | None:
+        return next((b for b in self._backends if b.name == name), None)
+
+    def choose(self, deployment: str, *, exclude: set[str], only: str | None = None) -> BackendConfig | None:
+        """A backend for ``deployment`` not in ``exclude`` and not cooling, or ``None``; with ``only``, that
+        backend or ``None`` (it holds what the call needs, whatever deployments it lists now)."""
         now = self._clock()
         ready = []
         for backend in self._backends:
-            if backend.name in exclude or not backend.serves(deployment):
+            wanted = backend.name == only if only is not None else backend.serves(deployment)
+            if backend.name in exclude or not wanted:
                 continue
             state = self._cooling.get((backend.name, deployment))
             if state is not None:
@@ -110,13 +119,14 @@ class BackendPool:
         if current is None or current.until < until:
             self._cooling[(backend.name, deployment)] = _Cooling(until, throttled)
 
-    def recovery(self, deployment: str) -> tuple[float, bool]:
-        """Seconds until the first cooling backend for ``deployment`` recovers, and whether any was throttled."""
+    def recovery(self, deployment: str, *, only: str | None = None) -> tuple[float, bool]:
+        """Seconds until the first cooling backend for ``deployment`` (or backend ``only``) recovers, and
+        whether any was throttled."""
         now = self._clock()
         waits = [
             (state.until - now, state.throttled)
             for (name, dep), state in self._cooling.items()
-            if dep == deployment and state.until > now
+            if dep == deployment and state.until > now and (only is None or name == only)
         ]
         if not waits:
             return 0.0, False

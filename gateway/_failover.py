@@ -4,6 +4,9 @@ Each attempt waits for response headers as long as the most specific setting say
 deployment's ``response_timeout_seconds`` on that backend, else the backend's, else
 ``RESPONSE_TIMEOUT_SECONDS``), and never past the request's deadline. 429, 5xx, refused
 connections and time-outs cool the backend and move on; anything else is the answer.
+
+A call pinned to one backend (it needs a stored response that lives there) never moves on: when
+that backend is cooling or throttles, the call gets 429 with its ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -66,9 +69,11 @@ class Failover:
         self._wall_clock = wall_clock
         # sock_read would also bound the wait for headers: the idle limit is applied per read instead
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout, sock_read=None)
-        self._no_stream_options: set[tuple[str, str | None]] = set()
+        #: (backend, deployment, api-version) that refused stream_options: one deployment's refusal says
+        #: nothing about the backend's other deployments
+        self._no_stream_options: set[tuple[str, str, str | None]] = set()
 
-    async def _post(
+    async def _attempt(
         self, call: Call, backend: BackendConfig, *, with_usage: bool, deadline: float
     ) -> aiohttp.ClientResponse:
         headers = dict(call.headers)
@@ -79,9 +84,10 @@ class Failover:
             headers["authorization"] = await self._tokens.authorization()
         wait = backend.response_timeout_for(call.deployment, default=self._settings.response_timeout)
         async with self._timer.deadline(min(self._timer.clock() + wait, deadline)):
-            return await self._session.post(
+            return await self._session.request(
+                call.endpoint.method,
                 url_for(call, backend),
-                data=body_for(call, backend, with_usage=with_usage),
+                data=body_for(call, backend, with_usage=with_usage) if call.endpoint.method == "POST" else None,
                 headers=headers,
                 timeout=self._timeout,
                 allow_redirects=False,
@@ -91,24 +97,25 @@ class Failover:
         """The first answer worth passing on, or the ``RequestError`` that says why there is none."""
         tried: set[str] = set()
         failure: _Failure | None = None
-        for _ in range(self._settings.max_attempts):
-            backend = self._pool.choose(call.deployment, exclude=tried)
+        for _ in range(1 if call.pinned is not None else self._settings.max_attempts):
+            backend = self._pool.choose(call.deployment, exclude=tried, only=call.pinned)
             if backend is None or self._timer.clock() >= deadline:
                 break
             tried.add(backend.name)
-            with_usage = call.add_usage and (backend.name, call.api_version) not in self._no_stream_options
+            refused = (backend.name, call.deployment, call.api_version)
+            with_usage = call.add_usage and refused not in self._no_stream_options
             try:
-                upstream = await self._post(call, backend, with_usage=with_usage, deadline=deadline)
+                upstream = await self._attempt(call, backend, with_usage=with_usage, deadline=deadline)
                 if upstream.status == 400 and with_usage:
                     body = await upstream.read()
                     upstream.release()
                     if b"stream_options" not in body:
                         return Answer(backend, upstream, with_usage, body)
-                    log.warning("backend %s refuses stream_options on api-version %s; usage will be estimated",
-                                backend.name, call.api_version)
-                    self._no_stream_options.add((backend.name, call.api_version))
+                    log.warning("backend %s refuses stream_options for %s on api-version %s; usage will be estimated",
+                                backend.name, call.deployment, call.api_version)
+                    self._no_stream_options.add(refused)
                     with_usage = False
-                    upstream = await self._post(call, backend, with_usage=False, deadline=deadline)
+                    upstream = await self._attempt(call, backend, with_usage=False, deadline=deadline)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 timed_out = isinstance(exc, TimeoutError)
                 failure = _Failure(backend.name, timed_out=timed_out)
@@ -149,7 +156,14 @@ class Failover:
             return UpstreamTimedOut(
                 f"No backend serving '{call.deployment}' answered within the request deadline "
                 f"({self._settings.request_deadline:g} seconds).")
-        wait, throttled = self._pool.recovery(call.deployment)
+        wait, throttled = self._pool.recovery(call.deployment, only=call.pinned)
+        if call.pinned is not None and (failure is None or failure.status == 429):
+            # cooling or throttling, the one backend holding the response cannot take it now: 429, never another
+            held = call.response_id or call.body.get("previous_response_id")
+            return NoBackendAvailable(
+                f"Backend '{call.pinned}', which holds response '{held}', is busy and no other backend has it. "
+                f"Please retry after {max(1, round(wait))} second(s).",
+                retry_after=wait if wait > 0 else self._settings.default_cooldown, throttled=True)
         if failure is None or failure.status == 429:
             # nothing could be tried (all cooling), or the last backend tried throttled us too
             return NoBackendAvailable(

@@ -8,23 +8,27 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import aiohttp
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from gateway import _tokens
+from gateway._affinity import AffinityMap
 from gateway._auth import KeyCache, key_from_headers
 from gateway._backends import BackendPool
 from gateway._contentlog import ContentLog
 from gateway._credentials import TokenProvider
+from gateway._endpoints import Endpoint
 from gateway._exceptions import NotFound, RequestError, UpstreamFailed, UpstreamTimedOut
 from gateway._failover import Failover
 from gateway._quota import REMAINING_HEADER, QuotaGuard
 from gateway._records import Usage, UsageRecord, UsageSink, UsageSource
-from gateway._request import Call, completion_reservation, read_call
-from gateway._responses import RelayResponse, buffered, error_response, relayed_headers
-from gateway._settings import BackendConfig, Settings
+from gateway._request import Call, completion_reservation, path_deployment, read_call
+from gateway._responses import REQUEST_ID_HEADER, RelayResponse, buffered, error_response, relayed_headers
+from gateway._responses_api import ResponsesRelay, StoredResponses, stored_response, stream_cut_event
+from gateway._settings import BackendConfig, Settings, is_deployment_name
 from gateway._sse import StreamRelay
 from gateway._timing import Timer
 
@@ -44,6 +48,8 @@ class _Context:
     started: float
     arrived: str
     key_name: str
+    operation: str
+    deployment: str  # as far as known: "-" until the request names a plain one
     received: list[bytes] | None = None  # what the client was sent, kept when its key logs content
     upstream: tuple[BackendConfig, bool] | None = None  # the backend that answered, asked for usage or not
 
@@ -63,6 +69,7 @@ class Proxy:
         sink: UsageSink,
         timer: Timer,
         wall_clock: Callable[[], float],
+        affinity: AffinityMap,
         content: ContentLog | None = None,
     ) -> None:
         self._settings = settings
@@ -76,26 +83,38 @@ class Proxy:
         self._wall_clock = wall_clock
         self._failover = Failover(settings, session=session, pool=pool, tokens=tokens, timer=timer,
                                   wall_clock=wall_clock)
+        self._stored = StoredResponses(settings, affinity=affinity, failover=self._failover, pool=pool, sink=sink,
+                                       timer=timer, wall_clock=wall_clock)
 
-    async def handle(self, request: Request, *, operation: str, v1: bool) -> StreamingResponse:
-        """Answer ``request`` for ``operation`` on the classic (``v1=False``) or v1 path."""
-        context = _Context(
+    def _context(self, request: Request, operation: str) -> _Context:
+        return _Context(
             request_id=uuid.uuid4().hex,
             started=self._clock(),
             arrived=datetime.fromtimestamp(self._wall_clock(), UTC).isoformat(),
             key_name="",
+            operation=operation,
+            deployment=path_deployment(request) or "-",
         )
+
+    async def handle(self, request: Request, *, endpoint: Endpoint) -> StreamingResponse:
+        """Answer ``request``, a call of kind ``endpoint``."""
+        context = self._context(request, endpoint.operation)
         call: Call | None = None
         try:
             key = await self._keys.authenticate(key_from_headers(request.headers))
             context.key_name = key.name
             if key.log_content and self._content is not None:
                 context.received = []
-            call = await read_call(request, self._settings, self._timer, operation=operation, v1=v1)
-            if key.limits.any:
+            call = await read_call(request, self._settings, self._timer, endpoint=endpoint)
+            context.deployment = call.deployment if is_deployment_name(call.deployment) else "-"
+            deadline = context.started + self._settings.request_deadline
+            if endpoint.operation.startswith("responses"):
+                await self._stored.pin(call, key_name=key.name, deadline=deadline)
+                context.deployment = call.deployment if is_deployment_name(call.deployment) else "-"
+            if key.limits.any and not endpoint.stored:
                 call.reservation = await self._quota.admit(key, estimate=self._reservation_estimate(call))
                 call.response_headers[REMAINING_HEADER] = str(call.reservation.remaining)
-            return await self._forward(call, context)
+            return await self._forward(call, context, deadline=deadline)
         except RequestError as exc:
             log.info("request %s refused: %s %s", context.request_id, exc.status, exc.code)
             error, outcome = exc, "refused"
@@ -104,11 +123,28 @@ class Proxy:
             error = RequestError("The gateway failed to handle the request; it has been logged.",
                                  status=500, code="InternalServerError")
             outcome = "gateway_error"
-        if call is not None:  # settles any quota reservation too
-            error.headers = {**call.response_headers, **error.headers}
-            self._emit(call, context, "", model="", usage=None, source="none", status=error.status,
+        if context.key_name:  # every authenticated request is counted, refused ones with 0 tokens
+            if call is not None:  # settles any quota reservation too
+                error.headers = {**call.response_headers, **error.headers}
+            self._emit(context, call, "", model="", usage=None, source="none", status=error.status,
                        ended=self._clock(), first_byte=None, outcome=outcome)
         return error_response(error, request_id=context.request_id)
+
+    async def models(self, request: Request) -> StreamingResponse:
+        """``GET /openai/v1/models``: the deployment names the backends list, in OpenAI's list shape."""
+        context = self._context(request, "models")
+        try:
+            key = await self._keys.authenticate(key_from_headers(request.headers))
+        except RequestError as exc:
+            return error_response(exc, request_id=context.request_id)
+        context.key_name = key.name
+        names = sorted({name for b in self._settings.backends if b.deployments is not None for name in b.deployments})
+        body = json.dumps({"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "system"} for name in names]}).encode()
+        now = self._clock()
+        self._emit(context, None, "", model="", usage=None, source="none", status=200, ended=now, first_byte=now,
+                   outcome="complete")
+        return buffered(200, body, {"content-type": "application/json", REQUEST_ID_HEADER: context.request_id})
 
     def _reservation_estimate(self, call: Call) -> int:
         """What a request may use: its prompt estimate plus its completion cap, as AOAI's limiter counts."""
@@ -116,22 +152,21 @@ class Proxy:
 
     # -- upstream --------------------------------------------------------------------------
 
-    async def _forward(self, call: Call, context: _Context) -> StreamingResponse:
-        if not self._pool.serving(call.deployment):
+    async def _forward(self, call: Call, context: _Context, *, deadline: float) -> StreamingResponse:
+        if call.pinned is None and not self._pool.serving(call.deployment):
             raise NotFound(
                 "The API deployment for this resource does not exist.", code="DeploymentNotFound"
             )
-        deadline = context.started + self._settings.request_deadline
         answer = await self._failover.send(call, deadline=deadline)
         context.upstream = (answer.backend, answer.with_usage)
         if answer.body is not None:
-            return self._passthrough(call, context, answer.backend, answer.upstream, answer.body)
+            return await self._passthrough(call, context, answer.backend, answer.upstream, answer.body)
         return await self._respond(call, context, answer.backend, answer.upstream,
                                    with_usage=answer.with_usage, deadline=deadline)
 
     # -- the answer ------------------------------------------------------------------------
 
-    def _passthrough(
+    async def _passthrough(
         self, call: Call, context: _Context, backend: BackendConfig,
         upstream: aiohttp.ClientResponse, body: bytes,
     ) -> StreamingResponse:
@@ -139,22 +174,24 @@ class Proxy:
         model = ""
         if context.received is not None:
             context.received.append(body)
-        if upstream.status == 200:
-            try:
-                document = json.loads(body)
-            except ValueError:
-                document = None
-            if isinstance(document, dict):
+        ours = True  # this call's event carries its usage (estimated when the answer has none)
+        document = _json_object(body) if upstream.status == 200 else None
+        if document is not None:
+            found = document.get("model")
+            model = found if isinstance(found, str) else ""
+            if call.operation.startswith("responses"):
+                response = stored_response(document)
+                await self._stored.record(call, backend, response, key_name=context.key_name)
+                usage, ours = self._stored.answered(call, backend, response, key_name=context.key_name)
+            else:
                 usage = Usage.from_body(document.get("usage"))
-                found = document.get("model")
-                model = found if isinstance(found, str) else ""
         source: UsageSource = "reported"
         if usage is None:
             source = "none"
-            if upstream.status == 200:
+            if upstream.status == 200 and ours and call.endpoint.estimated:
                 usage, source = self._estimate(call, model, ""), "estimated"
         now = self._clock()
-        self._emit(call, context, backend.name, model=model, usage=usage, source=source,
+        self._emit(context, call, backend.name, model=model, usage=usage, source=source,
                    status=upstream.status, ended=now, first_byte=now, outcome="complete")
         headers = relayed_headers(upstream.headers.items(), backend=backend.name, request_id=context.request_id)
         headers.update(call.response_headers)
@@ -164,14 +201,18 @@ class Proxy:
         self, call: Call, context: _Context, backend: BackendConfig,
         upstream: aiohttp.ClientResponse, *, with_usage: bool, deadline: float,
     ) -> StreamingResponse:
-        if call.stream and upstream.status == 200 and upstream.content_type == "text/event-stream":
-            relay = StreamRelay(strip_usage=with_usage and not call.client_usage)
+        if upstream.status == 200 and upstream.content_type == "text/event-stream":
             headers = relayed_headers(upstream.headers.items(), backend=backend.name,
                                       request_id=context.request_id)
             headers.update(call.response_headers)
+            relay: StreamRelay | ResponsesRelay
+            if call.operation.startswith("responses"):
+                relay = ResponsesRelay()
+            else:
+                relay = StreamRelay(strip_usage=with_usage and not call.client_usage)
             return RelayResponse(self._relay(call, context, backend, upstream, relay), headers=headers)
         body = await self._read_answer(backend, upstream, deadline=deadline)
-        return self._passthrough(call, context, backend, upstream, body)
+        return await self._passthrough(call, context, backend, upstream, body)
 
     async def _read_answer(self, backend: BackendConfig, upstream: aiohttp.ClientResponse, *,
                            deadline: float) -> bytes:
@@ -199,8 +240,9 @@ class Proxy:
 
     async def _relay(
         self, call: Call, context: _Context, backend: BackendConfig,
-        upstream: aiohttp.ClientResponse, relay: StreamRelay,
+        upstream: aiohttp.ClientResponse, relay: StreamRelay | ResponsesRelay,
     ) -> AsyncIterator[bytes]:
+        responses = relay if isinstance(relay, ResponsesRelay) else None
         first_byte: float | None = None
         outcome = "client_disconnected"
         watch = self._timer.watch(self._settings.stream_idle_timeout, upstream.close)
@@ -210,6 +252,10 @@ class Proxy:
                 watch.touch()
                 out = relay.feed(chunk)
                 if out:
+                    if responses is not None and not responses.recorded and responses.first is not None:
+                        # where the response lives is recorded before its id reaches the client
+                        responses.recorded = True
+                        await self._stored.record(call, backend, responses.first, key_name=context.key_name)
                     if first_byte is None:
                         first_byte = self._clock()
                     yield out
@@ -227,15 +273,20 @@ class Proxy:
             outcome = "upstream_cut"
             log.warning("stream from backend %s broke off: %s", backend.name, type(exc).__name__)
             # a partial frame is dropped; the client is told in the stream, as AOAI reports errors
-            yield _STREAM_CUT
+            yield _STREAM_CUT if responses is None else stream_cut_event(responses.sequence)
         finally:
             watch.cancel()
             upstream.close()
-            usage = relay.usage
+            if isinstance(relay, StreamRelay):
+                usage, ours = relay.usage, call.endpoint.estimated
+            else:
+                usage, ours = self._stored.answered(call, backend, relay.response, key_name=context.key_name)
             source: UsageSource = "reported"
             if usage is None:
-                usage, source = self._estimate(call, relay.model, relay.completion_text()), "estimated"
-            self._emit(call, context, backend.name, model=relay.model, usage=usage, source=source,
+                source = "none"
+                if ours:
+                    usage, source = self._estimate(call, relay.model, relay.completion_text()), "estimated"
+            self._emit(context, call, backend.name, model=relay.model, usage=usage, source=source,
                        status=200, ended=self._clock(), first_byte=first_byte, outcome=outcome)
 
     # -- usage ------------------------------------------------------------------------------
@@ -243,6 +294,8 @@ class Proxy:
     @staticmethod
     def _prompt_estimate(call: Call, model: str) -> int:
         """tiktoken's count of the prompt; for bodies too big to tokenize on the loop, bytes / 4."""
+        if call.form is not None or call.endpoint.stored:  # audio, or no prompt at all
+            return 0
         if len(call.raw) > _TOKENIZE_LIMIT:
             return len(call.raw) // 4
         try:
@@ -265,16 +318,16 @@ class Proxy:
         return Usage(prompt_tokens=prompt, completion_tokens=generated, total_tokens=prompt + generated)
 
     def _emit(
-        self, call: Call, context: _Context, backend: str, *, model: str, usage: Usage | None,
+        self, context: _Context, call: Call | None, backend: str, *, model: str, usage: Usage | None,
         source: UsageSource, status: int, ended: float, first_byte: float | None, outcome: str,
     ) -> None:
         usage = usage or Usage()
-        if call.reservation is not None:
+        if call is not None and call.reservation is not None:
             call.reservation.settle(usage.total_tokens, until=ended + self._quota.settle_seconds)
         record = UsageRecord(
             request_id=context.request_id, time=context.arrived, key_name=context.key_name,
-            deployment=call.deployment, model=model, backend=backend, operation=call.operation,
-            streaming=call.stream, prompt_tokens=usage.prompt_tokens,
+            deployment=context.deployment, model=model, backend=backend, operation=context.operation,
+            streaming=call is not None and call.stream, prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens, total_tokens=usage.total_tokens,
             cached_tokens=usage.cached_tokens, reasoning_tokens=usage.reasoning_tokens,
             usage_source=source, status=status,
@@ -283,7 +336,14 @@ class Proxy:
             outcome=outcome,
         )
         self._sink.emit(record)
-        if context.received is not None and self._content is not None:
+        if context.received is not None and self._content is not None and call is not None:
             backend_config, with_usage = context.upstream or (None, False)
             self._content.record(record, call, context.received, backend=backend_config, with_usage=with_usage)
 
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    return document if isinstance(document, dict) else None

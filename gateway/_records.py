@@ -24,25 +24,35 @@ class Usage:
 
     @classmethod
     def from_body(cls, usage: Any) -> Usage | None:
-        """Read an AOAI ``usage`` object (chat, completions or embeddings); ``None`` if absent."""
+        """Read an AOAI ``usage`` object; ``None`` if absent or not in tokens (Whisper's ``seconds``).
+
+        Chat, completions and embeddings say ``prompt_tokens``/``completion_tokens``; the Responses
+        API, ``gpt-image-1`` and ``gpt-4o-transcribe`` say ``input_tokens``/``output_tokens``, with
+        ``input_tokens_details.cached_tokens`` and ``output_tokens_details.reasoning_tokens``.
+        """
         if not isinstance(usage, dict):
             return None
 
-        def number(container: Any, key: str) -> int:
+        def number(container: Any, key: str) -> int | None:
             value = container.get(key) if isinstance(container, dict) else None
             # a count the aggregator would refuse (negative, absurd) would lose the whole request's event
-            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS:
-                return value
-            return 0
+            usable = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS
+            return value if usable else None
 
-        prompt = number(usage, "prompt_tokens")
-        completion = number(usage, "completion_tokens")
+        if "input_tokens" in usage or "output_tokens" in usage:
+            names = ("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details")
+        else:
+            names = ("prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details")
+        prompt, completion, total = number(usage, names[0]), number(usage, names[1]), number(usage, "total_tokens")
+        if prompt is None and completion is None and total is None:
+            return None
+        prompt, completion = prompt or 0, completion or 0
         return cls(
             prompt_tokens=prompt,
             completion_tokens=completion,
-            total_tokens=number(usage, "total_tokens") or prompt + completion,
-            cached_tokens=number(usage.get("prompt_tokens_details"), "cached_tokens"),
-            reasoning_tokens=number(usage.get("completion_tokens_details"), "reasoning_tokens"),
+            total_tokens=total or prompt + completion,
+            cached_tokens=number(usage.get(names[2]), "cached_tokens") or 0,
+            reasoning_tokens=number(usage.get(names[3]), "reasoning_tokens") or 0,
         )
 
 
@@ -67,7 +77,7 @@ class UsageRecord:
     status: int
     latency_ms: float
     ttfb_ms: float | None
-    outcome: str  # complete, client_disconnected, upstream_cut, upstream_error
+    outcome: str  # complete, client_disconnected, upstream_cut, refused, gateway_error, background
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

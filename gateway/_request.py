@@ -17,12 +17,13 @@ from urllib.parse import quote_from_bytes, unquote_to_bytes
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
+from gateway._endpoints import Endpoint
 from gateway._exceptions import BadRequest, ClientClosedRequest, PayloadTooLarge, RequestTimedOut
+from gateway._multipart import Form, boundary_of, parse_form
 from gateway._quota import Reservation
 from gateway._settings import BackendConfig, Settings, is_deployment_name
 from gateway._timing import Timer
 
-OPERATIONS = ("chat/completions", "completions", "embeddings")
 #: Client headers passed upstream (plus ``x-stainless-*``, the openai SDK's own); nothing else.
 _FORWARDED = frozenset({
     "content-type", "accept", "user-agent", "x-ms-client-request-id", "x-ms-useragent", "openai-beta",
@@ -38,7 +39,9 @@ SECRET_PARAMS = frozenset({
 _DECODE_ROUNDS = 8
 _NOT_ALNUM = re.compile(r"[\W_]+")
 #: The completion caps a request may set; the largest is what it may generate (per choice).
-TOKEN_LIMITS = ("max_tokens", "max_completion_tokens")
+TOKEN_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+#: A stored response's id: what AOAI issues (``resp_`` and hex), kept to characters safe in a path and a table key.
+RESPONSE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -58,10 +61,9 @@ def accepts_stream_options(api_version: str | None, *, v1: bool) -> bool:
 class Call:
     """A validated client request."""
 
-    operation: str
-    v1: bool
-    deployment: str
-    body: dict[str, Any]
+    endpoint: Endpoint
+    deployment: str  # for a call on a stored response: the one it was made with, once known
+    body: dict[str, Any]  # the JSON body; {} for a form or no body
     raw: bytes
     stream: bool
     query: str
@@ -71,6 +73,23 @@ class Call:
     headers: dict[str, str] = field(default_factory=dict)
     reservation: Reservation | None = None  # the key's quota reservation, settled when usage is known
     response_headers: dict[str, str] = field(default_factory=dict)  # added to whatever is answered
+    form: Form | None = None  # a multipart body
+    response_id: str | None = None  # the stored response a call by id is on
+    pinned: str | None = None  # the only backend this call may go to: the one holding its stored response
+    owner: str | None = None  # the key that made that stored response
+
+    @property
+    def operation(self) -> str:
+        return self.endpoint.operation
+
+    @property
+    def v1(self) -> bool:
+        return self.endpoint.v1
+
+    @property
+    def model_in_body(self) -> bool:
+        """Whether the deployment is named by the body's ``model`` (v1 and Responses API paths)."""
+        return not self.endpoint.deployment_in_path and not self.endpoint.stored
 
 
 # -- the query string ---------------------------------------------------------------------------
@@ -208,10 +227,7 @@ async def _read_raw(request: Request, settings: Settings, timer: Timer) -> bytes
     return b"".join(parts)
 
 
-def _deployment_of(body: dict[str, Any], request: Request, *, v1: bool) -> str:
-    if not v1:
-        return str(request.path_params.get("deployment", ""))
-    model = body.get("model")
+def _checked_name(model: object) -> str:
     if not isinstance(model, str) or not model:
         raise BadRequest("The request body must name the deployment in 'model'.", code="MissingModel")
     if not is_deployment_name(model):
@@ -220,27 +236,61 @@ def _deployment_of(body: dict[str, Any], request: Request, *, v1: bool) -> str:
     return model
 
 
-async def read_call(request: Request, settings: Settings, timer: Timer, *, operation: str, v1: bool) -> Call:
+def path_deployment(request: Request) -> str | None:
+    """The deployment named in the path, if it is a plain name."""
+    name = str(request.path_params.get("deployment", ""))
+    return name if is_deployment_name(name) else None
+
+
+def _headers_of(request: Request) -> dict[str, str]:
+    return {name: value for name, value in request.headers.items()
+            if name in _FORWARDED or name.startswith("x-stainless-")}
+
+
+async def read_call(request: Request, settings: Settings, timer: Timer, *, endpoint: Endpoint) -> Call:
     """Read and check the client's request; anything wrong with it raises a ``RequestError``."""
-    if not v1 and not is_deployment_name(request.path_params.get("deployment", "")):
+    if endpoint.stored:
+        return await _read_stored(request, settings, timer, endpoint=endpoint)
+    if endpoint.deployment_in_path and path_deployment(request) is None:
         raise BadRequest("The deployment name must be 1 to 64 letters, digits, '.', '_' or '-'.",
                          code="InvalidDeploymentName")
-    body, raw = parse_body(await _read_raw(request, settings, timer))
-    deployment = _deployment_of(body, request, v1=v1)
+    raw = await _read_raw(request, settings, timer)
+    boundary = boundary_of(request.headers.get("content-type", "")) if endpoint.form else None
+    form: Form | None = None
+    if boundary is not None:
+        form = parse_form(raw, boundary)
+        body: dict[str, Any] = {}
+        model: object = form.value("model")
+        stream = form.value("stream") == "true"
+    else:
+        body, raw = parse_body(raw)
+        model = body.get("model")
+        stream = body.get("stream") is True and endpoint.operation != "embeddings"
+    deployment = str(request.path_params["deployment"]) if endpoint.deployment_in_path else _checked_name(model)
     completion_reservation(body)  # a malformed token cap is refused for every key, quota or not
     query, api_version = upstream_query(request.scope.get("query_string") or b"")
-    stream = body.get("stream") is True and operation != "embeddings"
     options = body.get("stream_options")
     client_usage = isinstance(options, dict) and options.get("include_usage") is True
-    headers = {
-        name: value for name, value in request.headers.items()
-        if name in _FORWARDED or name.startswith("x-stainless-")
-    }
+    add_usage = (endpoint.stream_options and stream and not client_usage
+                 and accepts_stream_options(api_version, v1=endpoint.v1))
     return Call(
-        operation=operation, v1=v1, deployment=deployment, body=body, raw=raw, stream=stream,
-        query=query, api_version=api_version, client_usage=client_usage,
-        add_usage=stream and not client_usage and accepts_stream_options(api_version, v1=v1),
-        headers=headers,
+        endpoint=endpoint, deployment=deployment, body=body, raw=raw, stream=stream, query=query,
+        api_version=api_version, client_usage=client_usage, add_usage=add_usage, headers=_headers_of(request),
+        form=form,
+    )
+
+
+async def _read_stored(request: Request, settings: Settings, timer: Timer, *, endpoint: Endpoint) -> Call:
+    """A call on a stored response: its id from the path; a body (cancel's, if any) passed on as it is."""
+    response_id = str(request.path_params.get("response_id", ""))
+    if RESPONSE_ID.fullmatch(response_id) is None:
+        raise BadRequest("The response id must be 1 to 128 letters, digits, '_' or '-'.", code="InvalidResponseId")
+    raw = await _read_raw(request, settings, timer) if endpoint.method == "POST" else b""
+    query, api_version = upstream_query(request.scope.get("query_string") or b"")
+    stream = endpoint.operation == "responses.retrieve" and request.query_params.get("stream") == "true"
+    return Call(
+        endpoint=endpoint, deployment="", body={}, raw=raw, stream=stream, query=query, api_version=api_version,
+        client_usage=False, add_usage=False, headers=_headers_of(request), response_id=response_id,
     )
 
 
@@ -249,8 +299,12 @@ async def read_call(request: Request, settings: Settings, timer: Timer, *, opera
 
 def body_for(call: Call, backend: BackendConfig, *, with_usage: bool) -> bytes:
     """The body ``backend`` gets: the client's, with its own deployment name and ``stream_options``."""
+    if call.endpoint.stored:
+        return call.raw
     name = backend.upstream_deployment(call.deployment)
-    rename = call.v1 and name != call.body.get("model")
+    if call.form is not None:
+        return call.form.replaced("model", name) if call.model_in_body and name != call.deployment else call.raw
+    rename = call.model_in_body and name != call.body.get("model")
     if not rename and not with_usage:
         return call.raw
     if not rename and "stream_options" not in call.body:
@@ -267,8 +321,10 @@ def body_for(call: Call, backend: BackendConfig, *, with_usage: bool) -> bytes:
 
 def url_for(call: Call, backend: BackendConfig) -> str:
     """The URL ``backend`` gets: its endpoint, its deployment name, the client's filtered query."""
-    if call.v1:
-        path = f"/openai/v1/{call.operation}"
+    endpoint = call.endpoint
+    path = endpoint.path.replace("{id}", call.response_id or "")
+    if endpoint.deployment_in_path:
+        path = f"/openai/deployments/{backend.upstream_deployment(call.deployment)}/{path}"
     else:
-        path = f"/openai/deployments/{backend.upstream_deployment(call.deployment)}/{call.operation}"
+        path = ("/openai/v1/" if endpoint.v1 else "/openai/") + path
     return backend.endpoint + path + ("?" + call.query if call.query else "")

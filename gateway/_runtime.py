@@ -20,6 +20,7 @@ from azure.servicebus.aio import ServiceBusClient
 from azure.storage.blob.aio import ExponentialRetry
 
 from gateway import _tokens
+from gateway._affinity import AffinityMap
 from gateway._auth import KeyCache
 from gateway._backends import BackendPool
 from gateway._contentlog import ContentLog, content_publisher
@@ -171,6 +172,7 @@ class GatewayRuntime:
             timer=Timer.on(clock),
             wall_clock=wall_clock,
             content=self.content,
+            affinity=AffinityMap(tables, timeout=settings.key_lookup_timeout, wall_clock=wall_clock),
         )
 
     @staticmethod

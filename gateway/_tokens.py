@@ -11,10 +11,12 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import json
 import logging
 import os
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -85,24 +87,129 @@ def _texts(value: Any) -> Iterable[str]:
                 yield part["text"]
 
 
+#: OpenAI's counting recipe ("How to count tokens with tiktoken", the cookbook): every message costs 3
+#: tokens of framing, a ``name`` 1 more, and the reply is primed with 3.
+_PER_MESSAGE = 3
+_PER_NAME = 1
+_REPLY_PRIMING = 3
+
+
+@dataclass(frozen=True, slots=True)
+class _ToolCosts:
+    """The cookbook's tool-token recipe: what the model's rendering of function definitions adds."""
+
+    function: int  # at the start of each function
+    properties: int  # once, when a function has properties
+    property: int  # per property
+    enum: int  # once per property with an enum
+    enum_item: int  # per enum value
+    end: int  # once, after all functions
+
+
+_TOOLS_O200K = _ToolCosts(function=7, properties=3, property=3, enum=-3, enum_item=3, end=12)  # GPT-4o era
+_TOOLS_CL100K = _ToolCosts(function=10, properties=3, property=3, enum=-3, enum_item=3, end=12)  # GPT-4, 3.5
+
+
+def _function_of(tool: Any) -> dict[str, Any] | None:
+    """A function definition: chat's ``{"type": "function", "function": {...}}``, the Responses API's flat
+    ``{"type": "function", "name": ...}``, or an entry of chat's older ``functions``; ``None`` for other tools."""
+    if not isinstance(tool, dict):
+        return None
+    nested = tool.get("function")
+    if isinstance(nested, dict):
+        return nested
+    if tool.get("type", "function") == "function" and isinstance(tool.get("name"), str):
+        return tool
+    return None
+
+
+def _plain(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def tools_tokens(tools: Any, model: str) -> int:
+    """Function definitions counted as the model renders them (the cookbook's recipe for GPT-4o-era
+    models; GPT-4 and GPT-3.5 start each function at 10). Tools that are not functions add nothing."""
+    functions = [f for f in (_function_of(t) for t in tools) if f is not None] if isinstance(tools, list) else []
+    if not functions:
+        return 0
+    costs = _TOOLS_CL100K if encoding_name_for(model) == "cl100k_base" else _TOOLS_O200K
+    total = costs.end
+    for function in functions:
+        description = function.get("description")
+        description = description.removesuffix(".") if isinstance(description, str) else ""
+        total += costs.function + count(f"{_plain(function.get('name', ''))}:{description}", model)
+        parameters = function.get("parameters")
+        properties = parameters.get("properties") if isinstance(parameters, dict) else None
+        if not isinstance(properties, dict) or not properties:
+            continue
+        total += costs.properties
+        for name, given in properties.items():
+            spec = given if isinstance(given, dict) else {}
+            total += costs.property
+            enum = spec.get("enum")
+            if isinstance(enum, list):
+                total += costs.enum + sum(costs.enum_item + count(_plain(item), model) for item in enum)
+            text = spec.get("description")
+            text = text.removesuffix(".") if isinstance(text, str) else ""
+            total += count(f"{name}:{_plain(spec.get('type', ''))}:{text}", model)
+    return total
+
+
+def messages_tokens(messages: Any, model: str) -> int:
+    """Chat messages by the cookbook's recipe (role, ``name`` and content text; tool calls as text)."""
+    total = _REPLY_PRIMING
+    if not isinstance(messages, list):
+        return total
+    for message in messages:
+        total += _PER_MESSAGE
+        if not isinstance(message, dict):
+            continue
+        if isinstance(message.get("role"), str):
+            total += count(message["role"], model)
+        if isinstance(message.get("name"), str):
+            total += count(message["name"], model) + _PER_NAME
+        total += sum(count(t, model) for t in _texts(message.get("content")))
+        if message.get("tool_calls"):
+            total += count(str(message["tool_calls"]), model)
+    return total
+
+
+def _as_message(item: Any) -> dict[str, Any]:
+    """A Responses API input item as the chat message it is rendered like."""
+    if isinstance(item, str):
+        return {"role": "user", "content": item}
+    if not isinstance(item, dict):
+        return {}
+    if "role" in item:
+        return item
+    kind = item.get("type")
+    if kind == "function_call":
+        return {"role": "assistant", "content": [_plain(item.get("name", "")), _plain(item.get("arguments", ""))]}
+    if kind == "function_call_output":
+        return {"role": "tool", "content": _plain(item.get("output", ""))}
+    return {"content": [v for k, v in item.items() if k in ("text", "output", "arguments") and isinstance(v, str)]}
+
+
+def responses_tokens(body: dict[str, Any], model: str) -> int:
+    """A Responses API prompt by the chat recipe: ``instructions`` as a system message, the input items as
+    messages, and the function tools. (A ``previous_response_id``'s earlier turns are not in the body.)"""
+    messages: list[Any] = []
+    if isinstance(body.get("instructions"), str):
+        messages.append({"role": "system", "content": body["instructions"]})
+    source = body.get("input")
+    items = source if isinstance(source, list) else [] if source is None else [source]
+    messages.extend(_as_message(item) for item in items)
+    return messages_tokens(messages, model) + tools_tokens(body.get("tools"), model)
+
+
 def prompt_tokens(body: dict[str, Any], operation: str, model: str) -> int:
     """An estimate of the prompt tokens of a request body (OpenAI's chat counting recipe)."""
     if operation == "chat/completions":
-        messages = body.get("messages")
-        total = 3
-        if isinstance(messages, list):
-            for message in messages:
-                total += 3
-                if isinstance(message, dict):
-                    for key in ("role", "name"):
-                        if isinstance(message.get(key), str):
-                            total += count(message[key], model)
-                    total += sum(count(t, model) for t in _texts(message.get("content")))
-                    if message.get("tool_calls"):
-                        total += count(str(message["tool_calls"]), model)
-        if body.get("tools"):
-            total += count(str(body["tools"]), model)
-        return total
+        return (messages_tokens(body.get("messages"), model) + tools_tokens(body.get("tools"), model)
+                + tools_tokens(body.get("functions"), model))
+    if operation == "responses":
+        return responses_tokens(body, model)
     source = body.get("prompt") if operation == "completions" else body.get("input")
     if isinstance(source, str):
         return count(source, model)

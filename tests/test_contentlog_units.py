@@ -10,6 +10,7 @@ import pytest
 
 from gateway import SettingsError, load_settings
 from gateway._contentlog import Pending, RecordMaker, Redactor, assemble, sent_request, truncate
+from gateway._endpoints import endpoint
 from gateway._publish import BatchPublisher
 from gateway._records import UsageRecord
 from gateway._request import Call, body_for
@@ -30,7 +31,8 @@ def call(body: dict[str, Any], *, v1: bool = False) -> Call:
     options = body.get("stream_options")
     client_usage = isinstance(options, dict) and options.get("include_usage") is True
     stream = body.get("stream") is True
-    return Call(operation="chat/completions", v1=v1, deployment="gpt-4o", body=body, raw=raw, stream=stream, query="",
+    return Call(endpoint=endpoint("chat/completions", v1=v1),
+                deployment="gpt-4o", body=body, raw=raw, stream=stream, query="",
                 api_version="2024-10-21", client_usage=client_usage, add_usage=stream and not client_usage)
 
 

@@ -51,7 +51,7 @@ CASES = [
     ("body is an array", "POST", CHAT, "KEY", b"[1, 2]", 400, "InvalidRequestBody"),
     ("body over the limit", "POST", CHAT, "KEY", b'{"x": "' + b"a" * 8000 + b'"}', 413, "RequestEntityTooLarge"),
     ("chunked body over the limit", "POST", CHAT, "KEY", "CHUNKED", 413, "RequestEntityTooLarge"),
-    ("unknown route", "POST", "/openai/deployments/gpt-4o/images/generations", "KEY", GOOD, 404, "404"),
+    ("unknown route", "POST", "/openai/deployments/gpt-4o/images/edits", "KEY", GOOD, 404, "404"),
     ("not openai at all", "GET", "/admin/secrets", {}, None, 404, "404"),
     ("wrong method", "GET", CHAT, "KEY", None, 405, "MethodNotAllowed"),
     ("v1 without model", "POST", "/openai/v1/chat/completions", "KEY", GOOD, 400, "MissingModel"),

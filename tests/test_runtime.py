@@ -29,15 +29,32 @@ QUEUE = "usage-events"
 def test_indexing_reports_the_bindings_azure_will_see(gateway: Gateway) -> None:
     """The runtime indexes every function with its routes, methods and the Service Bus batch trigger."""
     triggers = {f.name: f.trigger for f in gateway.host.functions}
-    assert set(triggers) == {"chat_completions", "completions", "embeddings", "v1_chat_completions",
-                             "v1_embeddings", "not_found", "aggregate_usage"}
     routes = {name: (t["route"], t.get("methods")) for name, t in triggers.items() if t["type"] == "httpTrigger"}
-    assert routes == {
+    assert set(triggers) == {*routes, "aggregate_usage"}
+    methods = {name: [m.upper() for m in found] if found else found for name, (_, found) in routes.items()}
+    assert {name: (route, methods[name]) for name, (route, _) in routes.items()} == {
         "chat_completions": ("openai/deployments/{deployment}/chat/completions", ["POST"]),
         "completions": ("openai/deployments/{deployment}/completions", ["POST"]),
         "embeddings": ("openai/deployments/{deployment}/embeddings", ["POST"]),
         "v1_chat_completions": ("openai/v1/chat/completions", ["POST"]),
         "v1_embeddings": ("openai/v1/embeddings", ["POST"]),
+        "v1_models": ("openai/v1/models", ["GET"]),
+        "v1_responses": ("openai/v1/responses", ["POST"]),
+        "responses": ("openai/responses", ["POST"]),
+        "v1_response": ("openai/v1/responses/{response_id}", ["GET", "DELETE"]),
+        "response": ("openai/responses/{response_id}", ["GET", "DELETE"]),
+        "v1_response_cancel": ("openai/v1/responses/{response_id}/cancel", ["POST"]),
+        "response_cancel": ("openai/responses/{response_id}/cancel", ["POST"]),
+        "v1_response_input_items": ("openai/v1/responses/{response_id}/input_items", ["GET"]),
+        "response_input_items": ("openai/responses/{response_id}/input_items", ["GET"]),
+        "images_generations": ("openai/deployments/{deployment}/images/generations", ["POST"]),
+        "v1_images_generations": ("openai/v1/images/generations", ["POST"]),
+        "audio_transcriptions": ("openai/deployments/{deployment}/audio/transcriptions", ["POST"]),
+        "v1_audio_transcriptions": ("openai/v1/audio/transcriptions", ["POST"]),
+        "audio_translations": ("openai/deployments/{deployment}/audio/translations", ["POST"]),
+        "v1_audio_translations": ("openai/v1/audio/translations", ["POST"]),
+        "audio_speech": ("openai/deployments/{deployment}/audio/speech", ["POST"]),
+        "v1_audio_speech": ("openai/v1/audio/speech", ["POST"]),
         "not_found": ("{*path}", routes["not_found"][1]),
     }
     assert routes["not_found"][1] in (None, [])  # every method
