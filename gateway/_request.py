@@ -170,12 +170,17 @@ def parse_body(raw: bytes) -> tuple[dict[str, Any], bytes]:
         raise BadRequest(f"The request body is not valid UTF-8 (byte {exc.start}); JSON must be sent as "
                          "UTF-8 (RFC 8259).", code="UnsupportedEncoding") from exc
     try:
-        body = json.loads(text)
+        body = json.loads(text, parse_constant=_not_json)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise BadRequest("The request body is not valid JSON.", code="InvalidRequestBody") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", code="InvalidRequestBody")
     return body, raw
+
+
+def _not_json(constant: str) -> Any:
+    """``NaN``, ``Infinity`` and ``-Infinity``: Python's parser takes them, RFC 8259 (and AOAI) does not."""
+    raise ValueError(f"{constant} is not JSON")
 
 
 def _whole(body: dict[str, Any], name: str, *, minimum: int) -> int | None:
@@ -270,6 +275,9 @@ async def read_call(request: Request, settings: Settings, timer: Timer, *, endpo
     completion_reservation(body)  # a malformed token cap is refused for every key, quota or not
     query, api_version = upstream_query(request.scope.get("query_string") or b"")
     options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise BadRequest("'stream_options' must be an object, like {\"include_usage\": true}.",
+                         code="InvalidRequestBody")
     client_usage = isinstance(options, dict) and options.get("include_usage") is True
     add_usage = (endpoint.stream_options and stream and not client_usage
                  and accepts_stream_options(api_version, v1=endpoint.v1))

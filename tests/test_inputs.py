@@ -138,6 +138,13 @@ def test_hostile_bodies_get_400_not_500(gateway: Gateway) -> None:
                     body=surrogate)
     assert response.status == 200  # re-serialised with the gateway's stream_options, escapes intact
     assert gateway.eastus.received[-1].body["messages"][0]["content"] == "\ud800"
+    sent = len(gateway.eastus.received)
+    for body in (b'{"messages": [], "temperature": NaN}', b'{"messages": [], "top_p": -Infinity}',
+                 b'{"messages": [], "stream": true, "stream_options": [1]}',
+                 b'{"messages": [], "stream": true, "stream_options": "yes"}'):
+        response = http("POST", gateway.url + CHAT, headers={"api-key": gateway.key}, body=body)
+        assert response.status == 400 and response.json()["error"]["code"] == "InvalidRequestBody", body
+    assert len(gateway.eastus.received) == sent  # none of them went upstream
 
 
 KEY_SPELLINGS = ["api-key", "API-Key", "api-%6Bey", "api-%256Bey", "api%252Dkey", "api-key%00", "api+key",
