@@ -11,7 +11,7 @@ import typing
 import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, StreamingResponse
 
-from gateway import GatewayRuntime, not_routed, proxy_request
+from gateway import GatewayRuntime, check_health, check_ready, not_routed, proxy_request
 from usage import AggregatorRuntime, aggregate_messages
 
 # The worker forwards every log record to the host; the Azure SDKs log each storage, Service Bus and
@@ -51,6 +51,16 @@ async def v1_chat_completions(req: Request) -> StreamingResponse:
 @app.route(route="openai/v1/embeddings", methods=["POST"])
 async def v1_embeddings(req: Request) -> StreamingResponse:
     return await proxy_request(runtime, req, operation="embeddings", v1=True)
+
+
+@app.route(route="health", methods=["GET"])
+async def health(req: Request) -> StreamingResponse:
+    return await check_health(req)
+
+
+@app.route(route="health/ready", methods=["GET"])
+async def health_ready(req: Request) -> StreamingResponse:
+    return await check_ready(runtime, req)
 
 
 @app.route(route="{*path}")

@@ -15,7 +15,7 @@ from gateway._exceptions import (
     UpstreamFailed,
     UpstreamTimedOut,
 )
-from gateway._functions import not_routed, proxy_request
+from gateway._functions import check_health, check_ready, not_routed, proxy_request
 from gateway._records import LoggingSink, Usage, UsageRecord, UsageSink
 from gateway._runtime import GatewayRuntime
 from gateway._settings import BackendConfig, Settings, load_settings
@@ -41,6 +41,8 @@ __all__ = [
     "Usage",
     "UsageRecord",
     "UsageSink",
+    "check_health",
+    "check_ready",
     "load_settings",
     "not_routed",
     "proxy_request",

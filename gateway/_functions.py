@@ -9,6 +9,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from gateway._exceptions import MethodNotAllowed, NotFound, RequestError, SettingsError
+from gateway._health import liveness, readiness
 from gateway._responses import error_response
 from gateway._runtime import GatewayRuntime
 
@@ -29,6 +30,16 @@ async def proxy_request(runtime: GatewayRuntime, request: Request, *, operation:
         return error_response(RequestError(
             f"The gateway is misconfigured: {exc}", status=500, code="GatewayMisconfigured"))
     return await proxy.handle(request, operation=operation, v1=v1)
+
+
+async def check_health(request: Request) -> StreamingResponse:
+    """``/health``: 200 while the process answers; touches no key, storage or backend."""
+    return await liveness()
+
+
+async def check_ready(runtime: GatewayRuntime, request: Request) -> StreamingResponse:
+    """``/health/ready``: 200 when settings, Table Storage and the usage publisher are usable, else 503."""
+    return await readiness(runtime)
 
 
 async def not_routed(request: Request) -> StreamingResponse:

@@ -61,6 +61,7 @@ class GatewayRuntime:
         self._injected: dict[str, Any] = {}
         self._stopping: asyncio.Task[None] | None = None
         self.publisher: UsagePublisher | None = None
+        self.tables: TableServiceClient | None = None  # for the readiness check
 
     def configure(
         self,
@@ -102,6 +103,7 @@ class GatewayRuntime:
                 self._proxy = self._build(settings, clock=clock, wall_clock=wall_clock, random=random,
                                           sink=sink, credential=credential)
             except BaseException:
+                self.tables = None
                 await self._release()  # nothing half-built stays open
                 raise
             self._warming = asyncio.get_running_loop().run_in_executor(None, _tokens.warm)
@@ -134,6 +136,7 @@ class GatewayRuntime:
         except ValueError as exc:  # the SDK's word for a connection string it cannot use
             raise SettingsError(STORAGE_SETTING, "is not a usable storage connection string") from exc
         self._closers.append(tables.close)
+        self.tables = tables
         # Table reads made for requests are bounded by the key lookup time-out, in the background too
         store = KeyStore(tables, secret=settings.key_hash_secret, lookup_timeout=settings.key_lookup_timeout)
         keys = KeyCache(store, ttl=settings.key_cache_seconds, stale=settings.key_stale_seconds,
@@ -221,7 +224,7 @@ class GatewayRuntime:
         if self._lock is None:
             return
         async with self._lock:
-            self._proxy = None
+            self._proxy = self.tables = None
             if self.publisher is not None:
                 publisher, self.publisher = self.publisher, None
                 await publisher.close(flush_seconds=flush_seconds)

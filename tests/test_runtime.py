@@ -30,7 +30,7 @@ def test_indexing_reports_the_bindings_azure_will_see(gateway: Gateway) -> None:
     """The runtime indexes every function with its routes, methods and the Service Bus batch trigger."""
     triggers = {f.name: f.trigger for f in gateway.host.functions}
     assert set(triggers) == {"chat_completions", "completions", "embeddings", "v1_chat_completions",
-                             "v1_embeddings", "not_found", "aggregate_usage"}
+                             "v1_embeddings", "health", "health_ready", "not_found", "aggregate_usage"}
     routes = {name: (t["route"], t.get("methods")) for name, t in triggers.items() if t["type"] == "httpTrigger"}
     assert routes == {
         "chat_completions": ("openai/deployments/{deployment}/chat/completions", ["POST"]),
@@ -38,6 +38,8 @@ def test_indexing_reports_the_bindings_azure_will_see(gateway: Gateway) -> None:
         "embeddings": ("openai/deployments/{deployment}/embeddings", ["POST"]),
         "v1_chat_completions": ("openai/v1/chat/completions", ["POST"]),
         "v1_embeddings": ("openai/v1/embeddings", ["POST"]),
+        "health": ("health", ["GET"]),
+        "health_ready": ("health/ready", ["GET"]),
         "not_found": ("{*path}", routes["not_found"][1]),
     }
     assert routes["not_found"][1] in (None, [])  # every method
