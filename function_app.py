@@ -12,7 +12,7 @@ import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, StreamingResponse
 
 from gateway import GatewayRuntime, check_health, check_ready, not_routed, proxy_request
-from usage import AggregatorRuntime, aggregate_messages
+from usage import AggregatorRuntime, aggregate_messages, clean_ledger
 
 # The worker forwards every log record to the host; the Azure SDKs log each storage, Service Bus and
 # token call at INFO, which would cost every request.
@@ -73,3 +73,9 @@ async def not_found(req: Request) -> StreamingResponse:
                                connection="ServiceBusConnection", cardinality="many")
 async def aggregate_usage(messages: typing.List[func.ServiceBusMessage]) -> None:  # noqa: UP006
     await aggregate_messages(aggregator, messages)
+
+
+# Hourly, at minute 17 (UTC): ledger rows past LEDGER_RETENTION_DAYS can no longer stop a double count.
+@app.timer_trigger(schedule="0 17 * * * *", arg_name="timer", run_on_startup=False)
+async def clean_usage_ledger(timer: func.TimerRequest) -> None:
+    await clean_ledger(aggregator)

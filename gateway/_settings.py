@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway._exceptions import SettingsError
-from usage._config import StorageConfig, load_storage_config
+from usage._config import DEFAULT_LEDGER_RETENTION_DAYS, StorageConfig, load_ledger_retention, load_storage_config
 
 DEPLOYMENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -103,6 +103,8 @@ class Settings:
     quota_cache_seconds: float = 5.0
     quota_settle_seconds: float = 30.0
     quota_read_timeout: float = 0.5
+    #: read by the ledger clean-up (``usage``); checked here so a bad value stops start-up and shows in readiness
+    ledger_retention_days: float = DEFAULT_LEDGER_RETENTION_DAYS
 
     @property
     def needs_credential(self) -> bool:
@@ -259,4 +261,5 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         quota_cache_seconds=_number(env, "QUOTA_CACHE_SECONDS", 5.0),
         quota_settle_seconds=_number(env, "QUOTA_SETTLE_SECONDS", 30.0),
         quota_read_timeout=_number(env, "QUOTA_READ_TIMEOUT_SECONDS", 0.5, minimum=0.001),
+        ledger_retention_days=load_ledger_retention(env),
     )

@@ -196,6 +196,7 @@ SETTING_WRITERS: dict[str, Callable[[Any], dict[str, str]]] = {
     "usage_buffer_size": lambda v: {"USAGE_BUFFER_SIZE": str(v)},
     "quota_cache_seconds": lambda v: {"QUOTA_CACHE_SECONDS": _seconds(v)},
     "quota_settle_seconds": lambda v: {"QUOTA_SETTLE_SECONDS": _seconds(v)},
+    "ledger_retention_days": lambda v: {"LEDGER_RETENTION_DAYS": _seconds(v)},
 }
 _UNWRITTEN = {f.name for f in fields(Settings)} - set(SETTING_WRITERS)
 assert not _UNWRITTEN, f"tests/harness.py cannot write these Settings fields as app settings: {_UNWRITTEN}"

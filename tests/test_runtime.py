@@ -30,7 +30,8 @@ def test_indexing_reports_the_bindings_azure_will_see(gateway: Gateway) -> None:
     """The runtime indexes every function with its routes, methods and the Service Bus batch trigger."""
     triggers = {f.name: f.trigger for f in gateway.host.functions}
     assert set(triggers) == {"chat_completions", "completions", "embeddings", "v1_chat_completions",
-                             "v1_embeddings", "health", "health_ready", "not_found", "aggregate_usage"}
+                             "v1_embeddings", "health", "health_ready", "not_found", "aggregate_usage",
+                             "clean_usage_ledger"}
     routes = {name: (t["route"], t.get("methods")) for name, t in triggers.items() if t["type"] == "httpTrigger"}
     assert routes == {
         "chat_completions": ("openai/deployments/{deployment}/chat/completions", ["POST"]),
@@ -44,6 +45,9 @@ def test_indexing_reports_the_bindings_azure_will_see(gateway: Gateway) -> None:
     }
     assert routes["not_found"][1] in (None, [])  # every method
     assert all(t["authLevel"].upper() == "ANONYMOUS" for t in triggers.values() if t["type"] == "httpTrigger")
+    timer = triggers["clean_usage_ledger"]
+    assert (timer["type"], timer["schedule"], timer.get("runOnStartup", False)) == (
+        "timerTrigger", "0 17 * * * *", False)
     queue = triggers["aggregate_usage"]
     assert (queue["type"], queue["queueName"], queue["connection"], queue["cardinality"].lower()) == (
         "serviceBusTrigger", "%USAGE_QUEUE_NAME%", "ServiceBusConnection", "many")

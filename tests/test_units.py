@@ -61,6 +61,8 @@ def test_sample_settings_and_readme_state_the_defaults() -> None:
     ({"AOAI_BACKENDS": ONE, **STORAGE, "BODY_READ_TIMEOUT_SECONDS": "0"}, "BODY_READ_TIMEOUT_SECONDS"),
     ({"AOAI_BACKENDS": ONE, **STORAGE, "BODY_READ_TIMEOUT_SECONDS": "soon"}, "BODY_READ_TIMEOUT_SECONDS"),
     ({"AOAI_BACKENDS": ONE, **STORAGE, "REQUEST_DEADLINE_SECONDS": "inf"}, "REQUEST_DEADLINE_SECONDS"),
+    ({"AOAI_BACKENDS": ONE, **STORAGE, "LEDGER_RETENTION_DAYS": "two weeks"}, "LEDGER_RETENTION_DAYS"),
+    ({"AOAI_BACKENDS": ONE, **STORAGE, "LEDGER_RETENTION_DAYS": "0.5"}, "LEDGER_RETENTION_DAYS"),
     *[({"AOAI_BACKENDS": json.dumps([{"name": "a", "endpoint": "https://x", **backend}]), **STORAGE},
        "AOAI_BACKENDS") for backend in (
         {"response_timeout_seconds": 0}, {"response_timeout_seconds": -5}, {"response_timeout_seconds": "60"},

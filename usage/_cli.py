@@ -15,6 +15,7 @@ from azure.core.exceptions import AzureError
 from azure.data.tables.aio import TableServiceClient
 from azure.identity.aio import DefaultAzureCredential
 
+from usage import _replay
 from usage._config import SettingsError, load_storage_config, read_environment
 from usage._keys import KeyRecord, KeyStore, KeyStoreError, Limits
 from usage._report import GROUPS, group, read_days, render
@@ -73,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--by", choices=GROUPS, default="key")
     report.add_argument("--format", choices=("table", "csv", "json", "chart"), default="table",
                         help="chart: bars of total tokens, e.g. with --by day for usage over time")
+    _replay.add_commands(commands)
     return parser
 
 
@@ -136,6 +138,8 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
     credential = DefaultAzureCredential() if config.uses_identity else None
     try:
         async with open_table_service(config, credential=credential) as service:
+            if args.command == "rejects":
+                return await _replay.run(service, args, out)
             if args.command == "report":
                 await _report(service, args, out)
             else:
@@ -155,6 +159,9 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO = sys.stdout) -> int:
     try:
         return asyncio.run(_run(args, out))
     except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except _replay.RejectsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyStoreError as exc:
