@@ -110,6 +110,11 @@ class BackendPool:
         if current is None or current.until < until:
             self._cooling[(backend.name, deployment)] = _Cooling(until, throttled)
 
+    def cooling(self) -> list[tuple[str, str]]:
+        """The (backend, deployment) pairs cooling now (for the telemetry gauge)."""
+        now = self._clock()
+        return [pair for pair, state in list(self._cooling.items()) if state.until > now]
+
     def recovery(self, deployment: str) -> tuple[float, bool]:
         """Seconds until the first cooling backend for ``deployment`` recovers, and whether any was throttled."""
         now = self._clock()

@@ -25,6 +25,7 @@ from gateway._request import Call, completion_reservation, read_call
 from gateway._responses import RelayResponse, buffered, error_response, relayed_headers
 from gateway._settings import BackendConfig, Settings
 from gateway._sse import StreamRelay
+from gateway._telemetry import Span, Telemetry
 from gateway._timing import Timer
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class _Context:
     started: float
     arrived: str
     key_name: str
+    span: Span | None = None
 
 
 class Proxy:
@@ -60,8 +62,10 @@ class Proxy:
         sink: UsageSink,
         timer: Timer,
         wall_clock: Callable[[], float],
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._settings = settings
+        self._telemetry = telemetry or Telemetry.off()
         self._keys = keys
         self._pool = pool
         self._quota = quota
@@ -70,7 +74,7 @@ class Proxy:
         self._clock = timer.clock
         self._wall_clock = wall_clock
         self._failover = Failover(settings, session=session, pool=pool, tokens=tokens, timer=timer,
-                                  wall_clock=wall_clock)
+                                  wall_clock=wall_clock, telemetry=self._telemetry)
 
     async def handle(self, request: Request, *, operation: str, v1: bool) -> StreamingResponse:
         """Answer ``request`` for ``operation`` on the classic (``v1=False``) or v1 path."""
@@ -79,6 +83,7 @@ class Proxy:
             started=self._clock(),
             arrived=datetime.fromtimestamp(self._wall_clock(), UTC).isoformat(),
             key_name="",
+            span=self._telemetry.start_request(request.headers, operation),
         )
         call: Call | None = None
         try:
@@ -88,9 +93,11 @@ class Proxy:
             if key.limits.any:
                 call.reservation = await self._quota.admit(key, estimate=self._reservation_estimate(call))
                 call.response_headers[REMAINING_HEADER] = str(call.reservation.remaining)
-            return await self._forward(call, context)
+            with self._telemetry.current(context.span):
+                return await self._forward(call, context)
         except RequestError as exc:
             log.info("request %s refused: %s %s", context.request_id, exc.status, exc.code)
+            self._telemetry.refused(context.span, exc)
             error, outcome = exc, "refused"
         except Exception:  # a bug of ours: the client gets a plain 500, the log gets the traceback
             log.exception("request %s failed inside the gateway", context.request_id)
@@ -101,6 +108,8 @@ class Proxy:
             error.headers = {**call.response_headers, **error.headers}
             self._emit(call, context, "", model="", usage=None, source="none", status=error.status,
                        ended=self._clock(), first_byte=None, outcome=outcome)
+        else:
+            self._telemetry.end_request(context.span, error.status)
         return error_response(error, request_id=context.request_id)
 
     def _reservation_estimate(self, call: Call) -> int:
@@ -269,4 +278,5 @@ class Proxy:
             outcome=outcome,
         )
         self._sink.emit(record)
+        self._telemetry.record(context.span, record)
 

@@ -27,6 +27,7 @@ from gateway._publish import EventTransport, InProcessTransport, ServiceBusTrans
 from gateway._quota import QuotaGuard, TableUsage
 from gateway._records import LoggingSink, TeeSink, UsageSink
 from gateway._settings import Settings, load_settings
+from gateway._telemetry import Telemetry, flush_telemetry
 from gateway._timing import Timer
 from usage._aggregate import Aggregator
 from usage._config import STORAGE_SETTING, SettingsError
@@ -62,6 +63,7 @@ class GatewayRuntime:
         self._stopping: asyncio.Task[None] | None = None
         self.publisher: UsagePublisher | None = None
         self.tables: TableServiceClient | None = None  # for the readiness check
+        self.telemetry = Telemetry.off()
 
     def configure(
         self,
@@ -156,11 +158,15 @@ class GatewayRuntime:
         sinks: list[UsageSink] = [LoggingSink(), self.publisher]
         if sink is not None:
             sinks.append(sink)
+        pool = BackendPool(settings.backends, clock=clock, random=random)
+        self.telemetry = Telemetry.from_env(settings.backends)  # exporters from the environment, once per process
+        self.telemetry.observe(pool=pool, publisher=self.publisher)
         return Proxy(
             settings,
             session=session,
             keys=keys,
-            pool=BackendPool(settings.backends, clock=clock, random=random),
+            pool=pool,
+            telemetry=self.telemetry,
             tokens=None if credential is None else TokenProvider(credential, wall_clock=wall_clock),
             quota=quota,
             sink=TeeSink(*sinks),
@@ -229,6 +235,8 @@ class GatewayRuntime:
                 publisher, self.publisher = self.publisher, None
                 await publisher.close(flush_seconds=flush_seconds)
             await self._release()
+            if self.telemetry.enabled:  # a worker ended by SIGTERM runs no atexit hook: export what is held now
+                await asyncio.get_running_loop().run_in_executor(None, flush_telemetry)
             if self._warming is not None:
                 await self._warming
                 self._warming = None

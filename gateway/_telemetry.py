@@ -1,0 +1,354 @@
+"""OpenTelemetry for the gateway, following the GenAI semantic conventions: metrics, a span per request with a
+child span per backend attempt, and W3C ``traceparent`` upstream.
+
+Exporters are chosen from the environment, once per process (``setup_telemetry``):
+
+- ``APPLICATIONINSIGHTS_CONNECTION_STRING``: Azure Monitor, through ``azure-monitor-opentelemetry``'s
+  ``configure_azure_monitor`` with its log export, live metrics, performance counters and library
+  instrumentations off (the Functions host already ships the logs the worker forwards, and the Azure SDK
+  spans would cost every storage call);
+- ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`` / ``…_TRACES_ENDPOINT``):
+  OTLP over HTTP, with the standard ``OTEL_*`` variables (``OTEL_METRIC_EXPORT_INTERVAL``,
+  ``OTEL_EXPORTER_OTLP_HEADERS``, ``OTEL_TRACES_SAMPLER``, ``OTEL_SERVICE_NAME``, …);
+- both, or nothing: then ``Telemetry.off()`` is a no-op and the request path makes no OpenTelemetry call.
+
+The SDK runs inside the worker and is set up by the app itself: the host's ``telemetryMode: OpenTelemetry``
+stays off (with it, async functions on Python 3.13 have been reported to answer 500,
+azure-functions-python-worker#1881), and so does the worker's ``PYTHON_ENABLE_OPENTELEMETRY``.
+
+Metric and attribute names are listed in ``METRICS``; no attribute carries a key, a secret or a URL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from opentelemetry import metrics, trace
+from opentelemetry.context import Context
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from gateway._exceptions import QuotaExceeded, RequestError
+from gateway._records import UsageRecord
+from gateway._settings import BackendConfig
+
+if TYPE_CHECKING:
+    from gateway._backends import BackendPool
+    from gateway._publish import UsagePublisher
+
+__all__ = ["METRICS", "Span", "Telemetry", "flush_telemetry", "setup_telemetry"]
+
+log = logging.getLogger(__name__)
+
+SCOPE = "aoai_gateway"
+PROVIDER = "azure.ai.openai"
+#: the gateway's operations as ``gen_ai.operation.name`` spells them
+OPERATIONS = {"chat/completions": "chat", "completions": "text_completion", "embeddings": "embeddings",
+              "responses": "chat"}
+#: name: (instrument, unit, description)
+METRICS = {
+    "gen_ai.client.token.usage": ("histogram", "{token}", "Tokens per request, by gen_ai.token.type"),
+    "gen_ai.client.operation.duration": ("histogram", "s", "Request duration, until the answer's end"),
+    "gen_ai.client.operation.time_to_first_chunk": ("histogram", "s", "Time to the first streamed chunk"),
+    "aoai_gateway.failovers": ("counter", "{attempt}", "Backend attempts that failed over, by reason"),
+    "aoai_gateway.backends.cooling": ("gauge", "{backend}", "Backends cooling now, per backend"),
+    "aoai_gateway.quota.refusals": ("counter", "{request}", "Requests refused by a key's token quota"),
+    "aoai_gateway.usage.buffered": ("gauge", "{event}", "Usage events waiting in the publisher's buffer"),
+    "aoai_gateway.usage.dropped": ("counter", "{event}", "Usage events dropped from a full buffer"),
+    "aoai_gateway.usage.failed_sends": ("counter", "{send}", "Usage batches whose send failed"),
+    "aoai_gateway.usage.counted": ("counter", "{event}", "Usage events the aggregator counted"),
+    "aoai_gateway.usage.rejected": ("counter", "{event}", "Usage messages the aggregator rejected"),
+    "aoai_gateway.usage.lag": ("histogram", "s", "From an event's time to its being counted"),
+}
+_TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864]
+_SECONDS_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
+_TRACECONTEXT = TraceContextTextMapPropagator()
+_configured: bool | None = None
+
+
+def _wanted(env: Mapping[str, str]) -> tuple[bool, bool]:
+    """(Azure Monitor, OTLP) as the environment asks."""
+    azure = bool(env.get("APPLICATIONINSIGHTS_CONNECTION_STRING", "").strip())
+    otlp = any(env.get(f"OTEL_EXPORTER_OTLP{part}_ENDPOINT", "").strip() for part in ("", "_METRICS", "_TRACES"))
+    return azure, otlp and env.get("OTEL_SDK_DISABLED", "").strip().lower() != "true"
+
+
+def _otlp() -> tuple[Any, Any]:
+    """The OTLP/HTTP metric reader and span processor; the exporters read the ``OTEL_*`` variables."""
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter  # noqa: PLC0415
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # noqa: PLC0415
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader  # noqa: PLC0415
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: PLC0415
+
+    return PeriodicExportingMetricReader(OTLPMetricExporter()), BatchSpanProcessor(OTLPSpanExporter())
+
+
+def _azure_credential(env: Mapping[str, str]) -> Any:
+    """Entra ID for ingestion when ``APPLICATIONINSIGHTS_AUTHENTICATION_STRING`` says ``Authorization=AAD``."""
+    fields = dict(part.split("=", 1) for part in env.get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "").split(";")
+                  if "=" in part)
+    if fields.get("Authorization", "").upper() != "AAD":
+        return None
+    from azure.identity import ManagedIdentityCredential  # noqa: PLC0415
+
+    client_id = fields.get("ClientId") or env.get("AZURE_CLIENT_ID") or None
+    return ManagedIdentityCredential(client_id=client_id)
+
+
+def setup_telemetry(env: Mapping[str, str] | None = None) -> bool:
+    """Install this process's meter and tracer providers from the environment, once; True if any exporter is on."""
+    global _configured  # noqa: PLW0603 (one set of providers per process, as OpenTelemetry's globals are)
+    if _configured is not None:
+        return _configured
+    env = os.environ if env is None else env
+    azure, otlp = _wanted(env)
+    _configured = azure or otlp
+    if not _configured:
+        return False
+    readers, processors = [], []
+    if otlp:
+        reader, processor = _otlp()
+        readers.append(reader)
+        processors.append(processor)
+    if azure:
+        from azure.monitor.opentelemetry import configure_azure_monitor  # noqa: PLC0415
+
+        disabled = {name: {"enabled": False} for name in (
+            "azure_sdk", "django", "fastapi", "flask", "psycopg2", "requests", "urllib", "urllib3", "httpx")}
+        configure_azure_monitor(connection_string=env["APPLICATIONINSIGHTS_CONNECTION_STRING"],
+                                credential=_azure_credential(env), disable_logging=True, enable_live_metrics=False,
+                                enable_performance_counters=False, instrumentation_options=disabled,
+                                metric_readers=readers, span_processors=processors)
+    else:
+        from opentelemetry.sdk.metrics import MeterProvider  # noqa: PLC0415
+        from opentelemetry.sdk.resources import Resource  # noqa: PLC0415
+        from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+
+        resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME") or "aoai-gateway"})
+        metrics.set_meter_provider(MeterProvider(metric_readers=readers, resource=resource))
+        tracer_provider = TracerProvider(resource=resource)
+        for processor in processors:
+            tracer_provider.add_span_processor(processor)
+        trace.set_tracer_provider(tracer_provider)
+    log.info("telemetry: %s", " and ".join(n for n, on in (("Azure Monitor", azure), ("OTLP/HTTP", otlp)) if on))
+    return True
+
+
+def flush_telemetry(timeout_millis: int = 5000) -> None:
+    """Export what the providers hold (at shutdown)."""
+    for provider in (metrics.get_meter_provider(), trace.get_tracer_provider()):
+        flush = getattr(provider, "force_flush", None)
+        if flush is not None:
+            flush(timeout_millis)
+
+
+def _host(endpoint: str) -> tuple[str, int | None]:
+    parts = urlsplit(endpoint)
+    return parts.hostname or "", parts.port
+
+
+class _Attempt:
+    """One backend attempt's span; ``answered`` records the status that came back."""
+
+    __slots__ = ("_failovers", "_span", "backend")
+
+    def __init__(self, span: Span | None, backend: str, failovers: Any) -> None:
+        self._span = span
+        self.backend = backend
+        self._failovers = failovers
+
+    def answered(self, status: int) -> None:
+        if self._span is None:
+            return
+        self._span.set_attribute("http.response.status_code", status)
+        if status == 429 or status >= 500:
+            self._span.set_attribute("error.type", str(status))
+            self._span.set_status(Status(StatusCode.ERROR))
+            self._failovers.add(1, {"reason": "throttled" if status == 429 else "server_error",
+                                    "aoai_gateway.backend": self.backend})
+
+
+_NO_ATTEMPT = _Attempt(None, "", None)
+
+
+class Telemetry:
+    """The gateway's instruments and spans. ``Telemetry.off()`` does nothing at every hook."""
+
+    def __init__(self, backends: Sequence[BackendConfig], *, enabled: bool) -> None:
+        self.enabled = enabled
+        self._servers = {b.name: _host(b.endpoint) for b in backends}
+        self._attributes: dict[tuple[str, ...], tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
+        if not enabled:
+            return
+        meter = metrics.get_meter(SCOPE)
+        self._tracer = trace.get_tracer(SCOPE)
+        self._tokens = meter.create_histogram("gen_ai.client.token.usage", unit="{token}",
+                                              description=METRICS["gen_ai.client.token.usage"][2],
+                                              explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS)
+        self._duration = meter.create_histogram("gen_ai.client.operation.duration", unit="s",
+                                                description=METRICS["gen_ai.client.operation.duration"][2],
+                                                explicit_bucket_boundaries_advisory=_SECONDS_BUCKETS)
+        self._first_chunk = meter.create_histogram(
+            "gen_ai.client.operation.time_to_first_chunk", unit="s",
+            description=METRICS["gen_ai.client.operation.time_to_first_chunk"][2],
+            explicit_bucket_boundaries_advisory=_SECONDS_BUCKETS)
+        self._failovers = meter.create_counter("aoai_gateway.failovers", unit="{attempt}",
+                                               description=METRICS["aoai_gateway.failovers"][2])
+        self._refusals = meter.create_counter("aoai_gateway.quota.refusals", unit="{request}",
+                                              description=METRICS["aoai_gateway.quota.refusals"][2])
+
+    @classmethod
+    def from_env(cls, backends: Sequence[BackendConfig], env: Mapping[str, str] | None = None) -> Telemetry:
+        return cls(backends, enabled=setup_telemetry(env))
+
+    @classmethod
+    def off(cls) -> Telemetry:
+        return cls((), enabled=False)
+
+    # -- gauges read at export time, never on the request path -------------------------------
+
+    def observe(self, *, pool: BackendPool, publisher: UsagePublisher) -> None:
+        if not self.enabled:
+            return
+        meter = metrics.get_meter(SCOPE)
+
+        def cooling(_: CallbackOptions) -> Iterable[Observation]:
+            counts = dict.fromkeys(self._servers, 0)
+            for backend, _deployment in pool.cooling():
+                counts[backend] = counts.get(backend, 0) + 1
+            return [Observation(n, {"aoai_gateway.backend": name}) for name, n in counts.items()]
+
+        def one(read: Callable[[], int]) -> Callable[[CallbackOptions], Iterable[Observation]]:
+            return lambda _: [Observation(read())]
+
+        meter.create_observable_gauge("aoai_gateway.backends.cooling", [cooling], unit="{backend}",
+                                      description=METRICS["aoai_gateway.backends.cooling"][2])
+        meter.create_observable_gauge("aoai_gateway.usage.buffered", [one(lambda: publisher.pending)],
+                                      unit="{event}", description=METRICS["aoai_gateway.usage.buffered"][2])
+        meter.create_observable_counter("aoai_gateway.usage.dropped", [one(lambda: publisher.dropped)],
+                                        unit="{event}", description=METRICS["aoai_gateway.usage.dropped"][2])
+        meter.create_observable_counter("aoai_gateway.usage.failed_sends", [one(lambda: publisher.failed_sends)],
+                                        unit="{send}", description=METRICS["aoai_gateway.usage.failed_sends"][2])
+
+    # -- spans -----------------------------------------------------------------------------
+
+    def start_request(self, headers: Mapping[str, str], operation: str) -> Span | None:
+        """The request's span, a child of the client's ``traceparent`` when it sent one."""
+        if not self.enabled:
+            return None
+        parent: Context | None = _TRACECONTEXT.extract(headers) if "traceparent" in headers else None
+        name = OPERATIONS.get(operation, operation)
+        return self._tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes={
+            "gen_ai.operation.name": name, "gen_ai.provider.name": PROVIDER})
+
+    @contextlib.contextmanager
+    def current(self, span: Span | None) -> Iterator[None]:
+        """Make ``span`` the parent of the attempts made inside."""
+        if span is None:
+            yield
+            return
+        with trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+            yield
+
+    @contextlib.contextmanager
+    def attempt(self, backend: BackendConfig, headers: dict[str, str]) -> Iterator[_Attempt]:
+        """A child span for one attempt at ``backend``; its ``traceparent`` goes into ``headers``."""
+        if not self.enabled:
+            yield _NO_ATTEMPT
+            return
+        address, port = self._servers.get(backend.name) or _host(backend.endpoint)
+        attributes: dict[str, Any] = {"http.request.method": "POST", "server.address": address,
+                                      "aoai_gateway.backend": backend.name}
+        if port is not None:
+            attributes["server.port"] = port
+        with self._tracer.start_as_current_span("POST", kind=SpanKind.CLIENT, attributes=attributes,
+                                                record_exception=False, set_status_on_exception=False) as span:
+            _TRACECONTEXT.inject(headers)
+            try:
+                yield _Attempt(span, backend.name, self._failovers)
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:  # what the failover loop fails over on
+                reason = "timeout" if isinstance(exc, TimeoutError) else "connection"
+                span.set_attribute("error.type", type(exc).__name__)
+                span.set_status(Status(StatusCode.ERROR))
+                self._failovers.add(1, {"reason": reason, "aoai_gateway.backend": backend.name})
+                raise
+
+    def refused(self, span: Span | None, error: RequestError) -> None:
+        """The gateway answered ``error`` itself; a quota refusal is counted."""
+        if not self.enabled:
+            return
+        if isinstance(error, QuotaExceeded) or error.code == "QuotaTooSmall":
+            self._refusals.add(1, {"error.type": error.code})
+        if span is not None:
+            span.set_attribute("error.type", error.code)
+
+    def end_request(self, span: Span | None, status: int) -> None:
+        """End a span whose request produced no usage record (refused before it was read)."""
+        if span is None:
+            return
+        span.set_attribute("http.response.status_code", status)
+        if status >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+        span.end()
+
+    # -- the usage record: metrics, and the end of the request's span ----------------------------
+
+    def _attributes_of(self, record: UsageRecord) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """Input-token, output-token and duration attributes (cached: a few combinations recur)."""
+        failed = record.status >= 400 or record.outcome not in ("complete",)
+        cache_key = (record.key_name, record.deployment, record.model, record.backend, record.operation,
+                     record.usage_source, str(record.status) if failed else "", record.outcome if failed else "")
+        found = self._attributes.get(cache_key)
+        if found is not None:
+            return found
+        common: dict[str, Any] = {
+            "gen_ai.operation.name": OPERATIONS.get(record.operation, record.operation),
+            "gen_ai.request.model": record.deployment, "gen_ai.provider.name": PROVIDER,
+            "aoai_gateway.key_name": record.key_name, "aoai_gateway.backend": record.backend,
+            "aoai_gateway.usage_source": record.usage_source,
+        }
+        if record.model:
+            common["gen_ai.response.model"] = record.model
+        address, port = self._servers.get(record.backend, ("", None))
+        if address:
+            common["server.address"] = address
+            if port is not None:
+                common["server.port"] = port
+        duration = dict(common)
+        if failed:
+            duration["error.type"] = str(record.status) if record.status >= 400 else record.outcome
+        found = ({**common, "gen_ai.token.type": "input"}, {**common, "gen_ai.token.type": "output"}, duration)
+        if len(self._attributes) > 10_000:
+            self._attributes.clear()
+        self._attributes[cache_key] = found
+        return found
+
+    def record(self, span: Span | None, record: UsageRecord) -> None:
+        """Token, duration and first-chunk metrics for one request, and the end of its span."""
+        if not self.enabled:
+            return
+        inputs, outputs, duration = self._attributes_of(record)
+        if record.usage_source != "none":
+            self._tokens.record(record.prompt_tokens, inputs)
+            self._tokens.record(record.completion_tokens, outputs)
+        self._duration.record(record.latency_ms / 1000, duration)
+        if record.streaming and record.ttfb_ms is not None:
+            self._first_chunk.record(record.ttfb_ms / 1000, duration)
+        if span is None:
+            return
+        span.update_name(f"{duration['gen_ai.operation.name']} {record.deployment}")
+        span.set_attributes({k: v for k, v in duration.items() if k != "aoai_gateway.usage_source"})
+        span.set_attributes({"gen_ai.usage.input_tokens": record.prompt_tokens,
+                             "gen_ai.usage.output_tokens": record.completion_tokens,
+                             "http.response.status_code": record.status, "aoai_gateway.outcome": record.outcome,
+                             "aoai_gateway.request_id": record.request_id})
+        if record.status >= 500 or record.outcome == "upstream_cut":
+            span.set_status(Status(StatusCode.ERROR))
+        span.end()
