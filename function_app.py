@@ -11,7 +11,7 @@ import typing
 import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, StreamingResponse
 
-from gateway import GatewayRuntime, check_health, check_ready, not_routed, proxy_request
+from gateway import GatewayRuntime, check_health, check_ready, not_routed, proxy_request, setup_telemetry
 from usage import AggregatorRuntime, aggregate_messages, clean_ledger
 
 # The worker forwards every log record to the host; the Azure SDKs log each storage, Service Bus and
@@ -72,6 +72,7 @@ async def not_found(req: Request) -> StreamingResponse:
 @app.service_bus_queue_trigger(arg_name="messages", queue_name="%USAGE_QUEUE_NAME%",
                                connection="ServiceBusConnection", cardinality="many")
 async def aggregate_usage(messages: typing.List[func.ServiceBusMessage]) -> None:  # noqa: UP006
+    setup_telemetry()  # once per process: an instance may count usage before it serves a request
     await aggregate_messages(aggregator, messages)
 
 

@@ -19,6 +19,7 @@ from gateway._functions import check_health, check_ready, not_routed, proxy_requ
 from gateway._records import LoggingSink, Usage, UsageRecord, UsageSink
 from gateway._runtime import GatewayRuntime
 from gateway._settings import BackendConfig, Settings, load_settings
+from gateway._telemetry import setup_telemetry
 
 __all__ = [
     "BackendConfig",
@@ -46,4 +47,5 @@ __all__ = [
     "load_settings",
     "not_routed",
     "proxy_request",
+    "setup_telemetry",
 ]

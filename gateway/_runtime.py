@@ -151,6 +151,7 @@ class GatewayRuntime:
         self._closers.append(quota.close)
         # a Service Bus send, like an aggregation into the tables, costs milliseconds of CPU whatever its
         # size: gather events briefly first, so a burst of requests costs one send (see the constants)
+        self.telemetry = Telemetry.from_env(settings.backends)  # exporters from the environment, once per process
         linger = IN_PROCESS_LINGER if settings.service_bus is None else SERVICE_BUS_LINGER
         self.publisher = UsagePublisher(self._transport(settings, tables, credential),
                                         capacity=settings.usage_buffer_size, linger=linger)
@@ -159,7 +160,6 @@ class GatewayRuntime:
         if sink is not None:
             sinks.append(sink)
         pool = BackendPool(settings.backends, clock=clock, random=random)
-        self.telemetry = Telemetry.from_env(settings.backends)  # exporters from the environment, once per process
         self.telemetry.observe(pool=pool, publisher=self.publisher)
         return Proxy(
             settings,

@@ -3,10 +3,11 @@ child span per backend attempt, and W3C ``traceparent`` upstream.
 
 Exporters are chosen from the environment, once per process (``setup_telemetry``):
 
-- ``APPLICATIONINSIGHTS_CONNECTION_STRING``: Azure Monitor, through ``azure-monitor-opentelemetry``'s
-  ``configure_azure_monitor`` with its log export, live metrics, performance counters and library
-  instrumentations off (the Functions host already ships the logs the worker forwards, and the Azure SDK
-  spans would cost every storage call);
+- ``APPLICATIONINSIGHTS_CONNECTION_STRING``: Azure Monitor, with the exporters of ``azure-monitor-opentelemetry``
+  (``azure-monitor-opentelemetry-exporter``, what the distro is built on) on the app's own providers: the
+  distro's ``configure_azure_monitor`` installs global providers, which FastAPI's native telemetry inside the
+  worker then uses for a second server span and HTTP metrics per request, and exports logs the Functions host
+  already ships (``APPLICATIONINSIGHTS_AUTHENTICATION_STRING`` ``Authorization=AAD;ClientId=…`` for Entra ID);
 - ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`` / ``…_TRACES_ENDPOINT``):
   OTLP over HTTP, with the standard ``OTEL_*`` variables (``OTEL_METRIC_EXPORT_INTERVAL``,
   ``OTEL_EXPORTER_OTLP_HEADERS``, ``OTEL_TRACES_SAMPLER``, ``OTEL_SERVICE_NAME``, …);
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import aiohttp
-from opentelemetry import metrics, trace
+from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -38,6 +39,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from gateway._exceptions import QuotaExceeded, RequestError
 from gateway._records import UsageRecord
 from gateway._settings import BackendConfig
+from usage import use_meter_provider
 
 if TYPE_CHECKING:
     from gateway._backends import BackendPool
@@ -70,24 +72,16 @@ METRICS = {
 _TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864]
 _SECONDS_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
 _TRACECONTEXT = TraceContextTextMapPropagator()
-_configured: bool | None = None
+_providers: tuple[Any, Any] | None = None  # (MeterProvider, TracerProvider), or (None, None): no exporter
 
 
 def _wanted(env: Mapping[str, str]) -> tuple[bool, bool]:
     """(Azure Monitor, OTLP) as the environment asks."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False, False
     azure = bool(env.get("APPLICATIONINSIGHTS_CONNECTION_STRING", "").strip())
     otlp = any(env.get(f"OTEL_EXPORTER_OTLP{part}_ENDPOINT", "").strip() for part in ("", "_METRICS", "_TRACES"))
-    return azure, otlp and env.get("OTEL_SDK_DISABLED", "").strip().lower() != "true"
-
-
-def _otlp() -> tuple[Any, Any]:
-    """The OTLP/HTTP metric reader and span processor; the exporters read the ``OTEL_*`` variables."""
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter  # noqa: PLC0415
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # noqa: PLC0415
-    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader  # noqa: PLC0415
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: PLC0415
-
-    return PeriodicExportingMetricReader(OTLPMetricExporter()), BatchSpanProcessor(OTLPSpanExporter())
+    return azure, otlp
 
 
 def _azure_credential(env: Mapping[str, str]) -> Any:
@@ -98,55 +92,72 @@ def _azure_credential(env: Mapping[str, str]) -> Any:
         return None
     from azure.identity import ManagedIdentityCredential  # noqa: PLC0415
 
-    client_id = fields.get("ClientId") or env.get("AZURE_CLIENT_ID") or None
-    return ManagedIdentityCredential(client_id=client_id)
+    return ManagedIdentityCredential(client_id=fields.get("ClientId") or env.get("AZURE_CLIENT_ID") or None)
+
+
+def _exporters(env: Mapping[str, str], *, azure: bool, otlp: bool) -> tuple[list[Any], list[Any]]:
+    """Metric exporters and span exporters; each reads its own settings (the OTLP ones the ``OTEL_*``)."""
+    metric_exporters: list[Any] = []
+    span_exporters: list[Any] = []
+    if otlp:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter  # noqa: PLC0415
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # noqa: PLC0415
+
+        metric_exporters.append(OTLPMetricExporter())
+        span_exporters.append(OTLPSpanExporter())
+    if azure:
+        from azure.monitor.opentelemetry.exporter import (  # noqa: PLC0415
+            AzureMonitorMetricExporter,
+            AzureMonitorTraceExporter,
+        )
+
+        options = {"connection_string": env["APPLICATIONINSIGHTS_CONNECTION_STRING"],
+                   "credential": _azure_credential(env)}
+        metric_exporters.append(AzureMonitorMetricExporter(**options))
+        span_exporters.append(AzureMonitorTraceExporter(**options))
+    return metric_exporters, span_exporters
 
 
 def setup_telemetry(env: Mapping[str, str] | None = None) -> bool:
-    """Install this process's meter and tracer providers from the environment, once; True if any exporter is on."""
-    global _configured  # noqa: PLW0603 (one set of providers per process, as OpenTelemetry's globals are)
-    if _configured is not None:
-        return _configured
+    """Make this process's meter and tracer providers from the environment, once; True if any exporter is on.
+
+    The providers are the app's own, never OpenTelemetry's globals: a library that finds global providers
+    instruments itself (FastAPI's native telemetry, inside the worker's HTTP server, would add a server span
+    and HTTP metrics to every request; the Azure SDK a span per storage call).
+    """
+    global _providers  # noqa: PLW0603 (one set of providers per process)
+    if _providers is not None:
+        return _providers[0] is not None
     env = os.environ if env is None else env
     azure, otlp = _wanted(env)
-    _configured = azure or otlp
-    if not _configured:
+    if not (azure or otlp):
+        _providers = (None, None)
         return False
-    readers, processors = [], []
-    if otlp:
-        reader, processor = _otlp()
-        readers.append(reader)
-        processors.append(processor)
-    if azure:
-        from azure.monitor.opentelemetry import configure_azure_monitor  # noqa: PLC0415
+    from opentelemetry.sdk.metrics import MeterProvider  # noqa: PLC0415
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader  # noqa: PLC0415
+    from opentelemetry.sdk.resources import Resource  # noqa: PLC0415
+    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: PLC0415
 
-        disabled = {name: {"enabled": False} for name in (
-            "azure_sdk", "django", "fastapi", "flask", "psycopg2", "requests", "urllib", "urllib3", "httpx")}
-        configure_azure_monitor(connection_string=env["APPLICATIONINSIGHTS_CONNECTION_STRING"],
-                                credential=_azure_credential(env), disable_logging=True, enable_live_metrics=False,
-                                enable_performance_counters=False, instrumentation_options=disabled,
-                                metric_readers=readers, span_processors=processors)
-    else:
-        from opentelemetry.sdk.metrics import MeterProvider  # noqa: PLC0415
-        from opentelemetry.sdk.resources import Resource  # noqa: PLC0415
-        from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
-
-        resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME") or "aoai-gateway"})
-        metrics.set_meter_provider(MeterProvider(metric_readers=readers, resource=resource))
-        tracer_provider = TracerProvider(resource=resource)
-        for processor in processors:
-            tracer_provider.add_span_processor(processor)
-        trace.set_tracer_provider(tracer_provider)
+    metric_exporters, span_exporters = _exporters(env, azure=azure, otlp=otlp)
+    resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME") or "aoai-gateway"})
+    meter_provider = MeterProvider(metric_readers=[PeriodicExportingMetricReader(e) for e in metric_exporters],
+                                   resource=resource)
+    tracer_provider = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER, else always on
+    for exporter in span_exporters:
+        tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+    _providers = (meter_provider, tracer_provider)
+    use_meter_provider(meter_provider)
     log.info("telemetry: %s", " and ".join(n for n, on in (("Azure Monitor", azure), ("OTLP/HTTP", otlp)) if on))
     return True
 
 
 def flush_telemetry(timeout_millis: int = 5000) -> None:
     """Export what the providers hold (at shutdown)."""
-    for provider in (metrics.get_meter_provider(), trace.get_tracer_provider()):
-        flush = getattr(provider, "force_flush", None)
-        if flush is not None:
-            flush(timeout_millis)
+    if _providers is not None:
+        for provider in _providers:
+            if provider is not None:
+                provider.force_flush(timeout_millis)
 
 
 def _host(endpoint: str) -> tuple[str, int | None]:
@@ -187,8 +198,9 @@ class Telemetry:
         self._attributes: dict[tuple[str, ...], tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
         if not enabled:
             return
-        meter = metrics.get_meter(SCOPE)
-        self._tracer = trace.get_tracer(SCOPE)
+        assert _providers is not None and _providers[0] is not None
+        meter = _providers[0].get_meter(SCOPE)
+        self._tracer: trace.Tracer = _providers[1].get_tracer(SCOPE)
         self._tokens = meter.create_histogram("gen_ai.client.token.usage", unit="{token}",
                                               description=METRICS["gen_ai.client.token.usage"][2],
                                               explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS)
@@ -217,7 +229,8 @@ class Telemetry:
     def observe(self, *, pool: BackendPool, publisher: UsagePublisher) -> None:
         if not self.enabled:
             return
-        meter = metrics.get_meter(SCOPE)
+        assert _providers is not None
+        meter = _providers[0].get_meter(SCOPE)
 
         def cooling(_: CallbackOptions) -> Iterable[Observation]:
             counts = dict.fromkeys(self._servers, 0)

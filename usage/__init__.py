@@ -6,6 +6,7 @@ from usage._events import MAX_TOKENS, MalformedEvent, UsageEvent, decode_event
 from usage._functions import AggregatorRuntime, QueueMessage, aggregate_messages, clean_ledger
 from usage._housekeeping import CleanupResult, delete_old_ledgers
 from usage._keys import KeyRecord, KeyStore, Limits, hash_key
+from usage._metrics import use_meter_provider
 from usage._tables import STORAGE_ERRORS, bounded, open_table_service
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "load_storage_config",
     "open_table_service",
     "read_environment",
+    "use_meter_provider",
 ]
