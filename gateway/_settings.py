@@ -86,6 +86,8 @@ class Settings:
     backends: tuple[BackendConfig, ...]
     storage: StorageConfig
     key_hash_secret: bytes = field(default=b"", repr=False)
+    #: during a rotation, the secret before KEY_HASH_SECRET: keys still hashed with it are found and moved
+    key_hash_previous_secret: bytes = field(default=b"", repr=False)
     key_cache_seconds: float = 30.0
     key_lookup_timeout: float = 2.0
     key_stale_seconds: float = 300.0
@@ -244,6 +246,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         backends=load_backends(env.get("AOAI_BACKENDS", "")),
         storage=load_storage_config(env),
         key_hash_secret=env.get("KEY_HASH_SECRET", "").encode(),
+        key_hash_previous_secret=env.get("KEY_HASH_SECRET_PREVIOUS", "").encode(),
         key_cache_seconds=_number(env, "KEY_CACHE_SECONDS", 30.0),
         key_lookup_timeout=_number(env, "KEY_LOOKUP_TIMEOUT_SECONDS", 2.0, minimum=0.001),
         key_stale_seconds=_number(env, "KEY_STALE_SECONDS", 300.0),

@@ -176,6 +176,7 @@ SETTING_WRITERS: dict[str, Callable[[Any], dict[str, str]]] = {
     "storage": lambda v: ({"UsageStorage": v.connection_string} if v.connection_string is not None
                           else {"UsageStorage__tableServiceUri": v.table_service_uri}),
     "key_hash_secret": lambda v: {"KEY_HASH_SECRET": v.decode()},
+    "key_hash_previous_secret": lambda v: {"KEY_HASH_SECRET_PREVIOUS": v.decode()} if v else {},
     "key_cache_seconds": lambda v: {"KEY_CACHE_SECONDS": _seconds(v)},
     "key_lookup_timeout": lambda v: {"KEY_LOOKUP_TIMEOUT_SECONDS": _seconds(v)},
     "key_stale_seconds": lambda v: {"KEY_STALE_SECONDS": _seconds(v)},
