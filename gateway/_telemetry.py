@@ -22,10 +22,10 @@ Metric and attribute names are listed in ``METRICS``; no attribute carries a key
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -72,6 +72,8 @@ METRICS = {
 _TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864]
 _SECONDS_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
 _TRACECONTEXT = TraceContextTextMapPropagator()
+#: traces started a second (per instance) when OTEL_TRACES_SAMPLER is not set
+DEFAULT_TRACES_PER_SECOND = 5.0
 _providers: tuple[Any, Any] | None = None  # (MeterProvider, TracerProvider), or (None, None): no exporter
 
 
@@ -118,6 +120,17 @@ def _exporters(env: Mapping[str, str], *, azure: bool, otlp: bool) -> tuple[list
     return metric_exporters, span_exporters
 
 
+def _sampler(env: Mapping[str, str]) -> Any:
+    """``OTEL_TRACES_SAMPLER`` when set (the SDK reads it); else at most ``DEFAULT_TRACES_PER_SECOND`` new traces
+    a second, a client's sampled ``traceparent`` always followed (Azure Monitor's default too): a recorded span
+    and its export cost more than all the metrics, so a busy instance records a sample."""
+    if env.get("OTEL_TRACES_SAMPLER", "").strip():
+        return None
+    from azure.monitor.opentelemetry.exporter import RateLimitedSampler  # noqa: PLC0415
+
+    return RateLimitedSampler(DEFAULT_TRACES_PER_SECOND)
+
+
 def setup_telemetry(env: Mapping[str, str] | None = None) -> bool:
     """Make this process's meter and tracer providers from the environment, once; True if any exporter is on.
 
@@ -141,9 +154,14 @@ def setup_telemetry(env: Mapping[str, str] | None = None) -> bool:
 
     metric_exporters, span_exporters = _exporters(env, azure=azure, otlp=otlp)
     resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME") or "aoai-gateway"})
+    exemplars: dict[str, Any] = {}
+    if not env.get("OTEL_METRICS_EXEMPLAR_FILTER"):  # exemplars cost every measurement; on request only
+        from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter  # noqa: PLC0415
+
+        exemplars["exemplar_filter"] = AlwaysOffExemplarFilter()
     meter_provider = MeterProvider(metric_readers=[PeriodicExportingMetricReader(e) for e in metric_exporters],
-                                   resource=resource)
-    tracer_provider = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER, else always on
+                                   resource=resource, **exemplars)
+    tracer_provider = TracerProvider(resource=resource, sampler=_sampler(env))
     for exporter in span_exporters:
         tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
     _providers = (meter_provider, tracer_provider)
@@ -165,28 +183,78 @@ def _host(endpoint: str) -> tuple[str, int | None]:
     return parts.hostname or "", parts.port
 
 
-class _Attempt:
-    """One backend attempt's span; ``answered`` records the status that came back."""
+#: the request span the current task works for: the parent of its attempts' spans
+_REQUEST_SPAN: ContextVar[Span | None] = ContextVar("aoai_gateway_request_span", default=None)
 
-    __slots__ = ("_failovers", "_span", "backend")
 
-    def __init__(self, span: Span | None, backend: str, failovers: Any) -> None:
+class _Current:
+    """Makes a request's span the parent of the attempts made inside (a plain context manager: it is on the
+    request path)."""
+
+    __slots__ = ("_span", "_token")
+
+    def __init__(self, span: Span | None) -> None:
         self._span = span
+        self._token: Token[Span | None] | None = None
+
+    def __enter__(self) -> None:
+        if self._span is not None:
+            self._token = _REQUEST_SPAN.set(self._span)
+
+    def __exit__(self, *_: object) -> None:
+        if self._token is not None:
+            _REQUEST_SPAN.reset(self._token)
+
+
+_NO_CURRENT = _Current(None)
+
+
+class _Attempt:
+    """One backend attempt's span, from ``with`` to its end; ``answered`` records the status that came back.
+    Entering puts its ``traceparent`` in ``headers``."""
+
+    __slots__ = ("_attributes", "_headers", "_span", "_telemetry", "backend")
+
+    def __init__(self, telemetry: Telemetry | None, backend: str, attributes: dict[str, Any],
+                 headers: dict[str, str]) -> None:
+        self._telemetry = telemetry
         self.backend = backend
-        self._failovers = failovers
+        self._attributes = attributes
+        self._headers = headers
+        self._span: Span | None = None
+
+    def __enter__(self) -> _Attempt:
+        if self._telemetry is not None:
+            parent = _REQUEST_SPAN.get()
+            context = None if parent is None else trace.set_span_in_context(parent)
+            self._span = self._telemetry.tracer.start_span("POST", context=context, kind=SpanKind.CLIENT,
+                                                           attributes=self._attributes)
+            _TRACECONTEXT.inject(self._headers, context=trace.set_span_in_context(self._span))
+        return self
 
     def answered(self, status: int) -> None:
-        if self._span is None:
+        if self._span is None or self._telemetry is None:
             return
         self._span.set_attribute("http.response.status_code", status)
         if status == 429 or status >= 500:
             self._span.set_attribute("error.type", str(status))
             self._span.set_status(Status(StatusCode.ERROR))
-            self._failovers.add(1, {"reason": "throttled" if status == 429 else "server_error",
-                                    "aoai_gateway.backend": self.backend})
+            self._telemetry.failovers.add(1, {"reason": "throttled" if status == 429 else "server_error",
+                                              "aoai_gateway.backend": self.backend})
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _: object) -> None:
+        if self._span is None or self._telemetry is None:
+            return
+        if error is not None and isinstance(error, aiohttp.ClientError | TimeoutError | OSError):
+            # what the failover loop fails over on
+            self._span.set_attribute("error.type", type(error).__name__)
+            self._span.set_status(Status(StatusCode.ERROR))
+            reason = "timeout" if isinstance(error, TimeoutError) else "connection"
+            self._telemetry.failovers.add(1, {"reason": reason, "aoai_gateway.backend": self.backend})
+        self._span.end()
 
 
-_NO_ATTEMPT = _Attempt(None, "", None)
+_NO_ATTEMPT = _Attempt(None, "", {}, {})
 
 
 class Telemetry:
@@ -196,11 +264,12 @@ class Telemetry:
         self.enabled = enabled
         self._servers = {b.name: _host(b.endpoint) for b in backends}
         self._attributes: dict[tuple[str, ...], tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
+        self._attempt_attributes: dict[str, dict[str, Any]] = {}
         if not enabled:
             return
         assert _providers is not None and _providers[0] is not None
         meter = _providers[0].get_meter(SCOPE)
-        self._tracer: trace.Tracer = _providers[1].get_tracer(SCOPE)
+        self.tracer: trace.Tracer = _providers[1].get_tracer(SCOPE)
         self._tokens = meter.create_histogram("gen_ai.client.token.usage", unit="{token}",
                                               description=METRICS["gen_ai.client.token.usage"][2],
                                               explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS)
@@ -211,7 +280,7 @@ class Telemetry:
             "gen_ai.client.operation.time_to_first_chunk", unit="s",
             description=METRICS["gen_ai.client.operation.time_to_first_chunk"][2],
             explicit_bucket_boundaries_advisory=_SECONDS_BUCKETS)
-        self._failovers = meter.create_counter("aoai_gateway.failovers", unit="{attempt}",
+        self.failovers = meter.create_counter("aoai_gateway.failovers", unit="{attempt}",
                                                description=METRICS["aoai_gateway.failovers"][2])
         self._refusals = meter.create_counter("aoai_gateway.quota.refusals", unit="{request}",
                                               description=METRICS["aoai_gateway.quota.refusals"][2])
@@ -258,40 +327,26 @@ class Telemetry:
             return None
         parent: Context | None = _TRACECONTEXT.extract(headers) if "traceparent" in headers else None
         name = OPERATIONS.get(operation, operation)
-        return self._tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes={
+        return self.tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes={
             "gen_ai.operation.name": name, "gen_ai.provider.name": PROVIDER})
 
-    @contextlib.contextmanager
-    def current(self, span: Span | None) -> Iterator[None]:
-        """Make ``span`` the parent of the attempts made inside."""
-        if span is None:
-            yield
-            return
-        with trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
-            yield
+    def current(self, span: Span | None) -> _Current:
+        """Make ``span`` the parent of the attempts made inside (``with``)."""
+        return _NO_CURRENT if span is None else _Current(span)
 
-    @contextlib.contextmanager
-    def attempt(self, backend: BackendConfig, headers: dict[str, str]) -> Iterator[_Attempt]:
-        """A child span for one attempt at ``backend``; its ``traceparent`` goes into ``headers``."""
+    def attempt(self, backend: BackendConfig, headers: dict[str, str]) -> _Attempt:
+        """A child span for one attempt at ``backend`` (``with``); its ``traceparent`` goes into ``headers``."""
         if not self.enabled:
-            yield _NO_ATTEMPT
-            return
-        address, port = self._servers.get(backend.name) or _host(backend.endpoint)
-        attributes: dict[str, Any] = {"http.request.method": "POST", "server.address": address,
-                                      "aoai_gateway.backend": backend.name}
-        if port is not None:
-            attributes["server.port"] = port
-        with self._tracer.start_as_current_span("POST", kind=SpanKind.CLIENT, attributes=attributes,
-                                                record_exception=False, set_status_on_exception=False) as span:
-            _TRACECONTEXT.inject(headers)
-            try:
-                yield _Attempt(span, backend.name, self._failovers)
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:  # what the failover loop fails over on
-                reason = "timeout" if isinstance(exc, TimeoutError) else "connection"
-                span.set_attribute("error.type", type(exc).__name__)
-                span.set_status(Status(StatusCode.ERROR))
-                self._failovers.add(1, {"reason": reason, "aoai_gateway.backend": backend.name})
-                raise
+            return _NO_ATTEMPT
+        attributes = self._attempt_attributes.get(backend.name)
+        if attributes is None:
+            address, port = self._servers.get(backend.name) or _host(backend.endpoint)
+            attributes = {"http.request.method": "POST", "server.address": address,
+                          "aoai_gateway.backend": backend.name}
+            if port is not None:
+                attributes["server.port"] = port
+            self._attempt_attributes[backend.name] = attributes
+        return _Attempt(self, backend.name, attributes, headers)
 
     def refused(self, span: Span | None, error: RequestError) -> None:
         """The gateway answered ``error`` itself; a quota refusal is counted."""

@@ -38,7 +38,7 @@ def test_otlp_token_sums_equal_the_usage_events_and_spans_nest(storage: str) -> 
     request has one span whose attempts are its children, and each attempt's traceparent reached the backend."""
     with otlp_receiver() as receiver, running_gateway(storage, env={
             "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_METRIC_EXPORT_INTERVAL": "300",
-            "OTEL_BSP_SCHEDULE_DELAY": "100"}) as gw:
+            "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_TRACES_SAMPLER": "always_on"}) as gw:
         other = gw.create_key(f"team-{uuid.uuid4().hex[:8]}")
         for key in (gw.key, other):
             client = openai.AzureOpenAI(azure_endpoint=gw.url, api_key=key, api_version="2024-10-21")
@@ -139,3 +139,12 @@ def test_exporters_follow_the_environment(env: dict[str, str], expected: list[st
                           text=True, timeout=120, check=False, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_traces_are_rate_limited_unless_a_sampler_is_set() -> None:
+    """Without OTEL_TRACES_SAMPLER a busy instance records at most a few traces a second (the SDK's own sampler
+    otherwise)."""
+    from gateway._telemetry import DEFAULT_TRACES_PER_SECOND, _sampler
+
+    assert _sampler({"OTEL_TRACES_SAMPLER": "always_on"}) is None
+    assert str(DEFAULT_TRACES_PER_SECOND) in _sampler({}).get_description()
