@@ -265,7 +265,7 @@ def test_deployed_code_never_imports_development_machinery() -> None:
     for path in (PROJECT / "bench").rglob("*.py"):
         assert "tests" not in imports(path), path
     ignored = set((PROJECT / ".funcignore").read_text().split())
-    assert {"devkit", "tests", "bench", "scripts", ".venv", ".azurite", ".local"} <= ignored
+    assert {"devkit", "tests", "bench", "scripts", ".venv", ".azurite", ".local", "infra", ".azure"} <= ignored
 
 
 def test_backend_usage_the_aggregator_would_refuse_counts_as_zero() -> None:
