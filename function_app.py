@@ -11,8 +11,17 @@ import typing
 import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, StreamingResponse
 
-from gateway import GatewayRuntime, list_models, not_routed, proxy_request, stored_response_request
-from usage import AggregatorRuntime, aggregate_messages
+from gateway import (
+    GatewayRuntime,
+    check_health,
+    check_ready,
+    list_models,
+    not_routed,
+    proxy_request,
+    setup_telemetry,
+    stored_response_request,
+)
+from usage import AggregatorRuntime, aggregate_messages, clean_ledger
 
 # The worker forwards every log record to the host; the Azure SDKs log each storage, Service Bus and
 # token call at INFO, which would cost every request; the runtime's HTTP server (uvicorn) would write an
@@ -143,6 +152,16 @@ async def v1_audio_speech(req: Request) -> StreamingResponse:
     return await proxy_request(runtime, req, operation="audio.speech", v1=True)
 
 
+@app.route(route="health", methods=["GET"])
+async def health(req: Request) -> StreamingResponse:
+    return await check_health(req)
+
+
+@app.route(route="health/ready", methods=["GET"])
+async def health_ready(req: Request) -> StreamingResponse:
+    return await check_ready(runtime, req)
+
+
 @app.route(route="{*path}")
 async def not_found(req: Request) -> StreamingResponse:
     return await not_routed(req)
@@ -152,4 +171,11 @@ async def not_found(req: Request) -> StreamingResponse:
 @app.service_bus_queue_trigger(arg_name="messages", queue_name="%USAGE_QUEUE_NAME%",
                                connection="ServiceBusConnection", cardinality="many")
 async def aggregate_usage(messages: typing.List[func.ServiceBusMessage]) -> None:  # noqa: UP006
+    setup_telemetry()  # once per process: an instance may count usage before it serves a request
     await aggregate_messages(aggregator, messages)
+
+
+# Hourly, at minute 17 (UTC): ledger rows past LEDGER_RETENTION_DAYS can no longer stop a double count.
+@app.timer_trigger(schedule="0 17 * * * *", arg_name="timer", run_on_startup=False)
+async def clean_usage_ledger(timer: func.TimerRequest) -> None:
+    await clean_ledger(aggregator)

@@ -8,7 +8,11 @@ in processes of its own on 127.0.0.1, read from /proc, so each figure is that pr
 - ``floor``: ``bench/floor``, a function app that only relays the stream, served by the local host
   (``python -m devkit serve``): host and worker processes, as in Azure;
 - ``gateway (in-process usage)`` and ``gateway (Service Bus)``: ``python -m gateway serve``, usage
-  aggregated into Azurite in the worker, or sent to the AMQP test broker.
+  aggregated into Azurite in the worker, or sent to the AMQP test broker;
+- ``gateway (in-process usage, telemetry)``: the first with OpenTelemetry on, exporting metrics and spans
+  over OTLP/HTTP every second to a local sink (``bench/otlp_sink.py``), so export costs are in the figure.
+
+The telemetry overhead is that target's worker CPU per stream over the first's (target: at most 1.10).
 
 Targets (checked as ratios within one run): the gateway's worker CPU per stream at most 1.6 x the floor's,
 at 1 and at 20 streams at once, in both usage modes; its added time to first chunk over the floor's at
@@ -43,6 +47,8 @@ BODY = json.dumps({"messages": [{"role": "user", "content": "Say hello"}], "stre
 PATH = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
 TICKS = os.sysconf("SC_CLK_TCK")
 WORKER_CPU_TARGET = 1.6
+TELEMETRY_TARGET = 1.10
+MODES = ("in-process usage", "in-process usage, telemetry", "Service Bus")
 FIRST_CHUNK_TARGET_MS = 1.0
 
 
@@ -144,11 +150,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="streams per measured run")
     parser.add_argument("--chunks", type=int, default=50, help="content chunks per stream")
     parser.add_argument("--open-streams", type=int, default=500, help="streams held open to measure memory")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="gateway modes to run")
     args = parser.parse_args()
     python = sys.executable
     with azurite() as storage, AmqpBroker() as broker:
         key = asyncio.run(make_key(storage))
         region_port, slow_port, bare_port, floor_port = free_port(), free_port(), free_port(), free_port()
+        sink_port = free_port()
         region, slow = f"http://127.0.0.1:{region_port}", f"http://127.0.0.1:{slow_port}"
         base = {**os.environ, "PYTHONPATH": str(PROJECT), "AzureWebJobs.aggregate_usage.Disabled": "true"}
         gateway_env = {**base, "UsageStorage": storage, "KEY_HASH_SECRET": "bench", "USAGE_QUEUE_NAME": "usage-events",
@@ -159,6 +167,7 @@ def main() -> None:
         with process([*simulator, "--port", str(region_port), "--chunk-delay-ms", "0"], region_port), \
              process([*simulator, "--port", str(slow_port), "--chunk-delay-ms", "200"], slow_port), \
              process([python, "bench/bare_relay.py", str(bare_port), region, "k"], bare_port) as bare, \
+             process([python, "bench/otlp_sink.py", str(sink_port)], sink_port), \
              process([python, "-m", "devkit", "serve", "--port", str(floor_port), "--log-level", "warning"],
                      floor_port, {**base, "FLOOR_UPSTREAM": region, "FLOOR_API_KEY": "k"},
                      cwd=PROJECT / "bench/floor") as floor:
@@ -167,8 +176,12 @@ def main() -> None:
                        Target("floor", f"http://127.0.0.1:{floor_port}", key, floor.pid, worker_of(floor.pid))]
             rows = measure(targets, args)
             memory = {}
-            for mode, extra in (("in-process usage", {}),
+            telemetry = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
+                         "OTEL_METRIC_EXPORT_INTERVAL": "1000", "OTEL_BSP_SCHEDULE_DELAY": "1000"}
+            for mode, extra in (("in-process usage", {}), ("in-process usage, telemetry", telemetry),
                                 ("Service Bus", {"ServiceBusConnection": broker.connection_string})):
+                if mode not in args.modes:
+                    continue
                 port = free_port()
                 with process([python, "-m", "gateway", "serve", "--port", str(port), "--log-level", "warning"], port,
                              {**gateway_env, **extra}) as gateway:
@@ -249,6 +262,15 @@ def report(rows: list[Row], memory: dict[str, int], args: argparse.Namespace) ->
         if row.concurrency == 1:
             first += " ok" if added <= FIRST_CHUNK_TARGET_MS else " OVER"
         print(f"| {row.target.name} | {row.concurrency} | {ratio:.2f} {verdict} | {first} |")
+    plain = {r.concurrency: r for r in rows if r.target.name == "gateway (in-process usage)"}
+    for row in rows:
+        if row.target.name == "gateway (in-process usage, telemetry)" and row.concurrency in plain:
+            base = plain[row.concurrency]
+            assert row.worker_cpu_ms is not None and base.worker_cpu_ms is not None
+            ratio = row.worker_cpu_ms / base.worker_cpu_ms
+            print(f"\nTelemetry at {row.concurrency} stream(s) at once: worker CPU per stream {row.worker_cpu_ms:.3f} "
+                  f"against {base.worker_cpu_ms:.3f} ms, x{ratio:.3f} "
+                  f"({'ok' if ratio <= TELEMETRY_TARGET else 'OVER'}, target <= {TELEMETRY_TARGET})")
     if memory:
         per_stream = (memory["worker open"] - memory["worker idle"] + memory["host open"] - memory["host idle"])
         print(f"\nMemory with {args.open_streams} open streams through the gateway: worker "

@@ -75,6 +75,9 @@ class NullTransport:
     async def send(self, events: object) -> None:
         return None
 
+    async def probe(self) -> str:
+        return "null"
+
     async def close(self) -> None:
         return None
 

@@ -1,5 +1,5 @@
 """The local Functions host: starts a worker process around the real runtime library, indexes and loads the
-function app through it, and serves its HTTP and Service Bus triggers.
+function app through it, and serves its HTTP, Service Bus and timer triggers.
 
 It plays only the .NET host's part and knows nothing of the app it serves: routes, triggers and their
 settings come from the function metadata the runtime reports, ``host.json`` and the app settings.
@@ -14,8 +14,9 @@ import logging
 import os
 import signal
 import sys
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from devkit._http import HttpFront
 from devkit._protos import protos
 from devkit._routes import Route, RouteTable, make_route
 from devkit._servicebus import QueueTrigger, TriggerRunner, UnresolvedSetting, queue_trigger
+from devkit._timer import BadSchedule, TimerRunner, TimerTrigger, timer_trigger
 
 log = logging.getLogger("devkit.host")
 HOST_VERSION = "4.1040.100.0"
@@ -71,6 +73,10 @@ class FunctionsHost:
     _process: asyncio.subprocess.Process | None = None
     _session: aiohttp.ClientSession | None = None
     _triggers: TriggerRunner | None = None
+    #: the timer triggers' wall clock (epoch seconds) and sleep; a test injects its own
+    timer_clock: Callable[[], float] = time.time
+    timer_sleep: Callable[[float], Awaitable[object]] = asyncio.sleep
+    _timers: TimerRunner | None = None
 
     async def start(self, *, start_timeout: float = 60.0) -> None:
         """Start the worker, index and load the app; raises ``FunctionLoadFailed`` with the runtime's message."""
@@ -174,6 +180,25 @@ class FunctionsHost:
         self._triggers = TriggerRunner(triggers, self.settings, invoke=self._invoke_queue,
                                        max_batch=self.host_json.max_message_batch_size)
         self._triggers.start()
+        self._start_timers()
+
+    def _start_timers(self) -> None:
+        timers: list[TimerTrigger] = []
+        for function in self.functions:
+            if function.trigger.get("type") != "timerTrigger" or not self.enabled(function):
+                continue
+            try:
+                timers.append(timer_trigger(function.name, function.function_id, function.trigger, self.settings))
+            except (UnresolvedSetting, BadSchedule) as exc:
+                log.error("function %s is not run: %s", function.name, exc)
+        self._timers = TimerRunner(timers, invoke=self._invoke_timer, clock=self.timer_clock, sleep=self.timer_sleep)
+        self._timers.start()
+
+    async def run_timer(self, function: str) -> bool:
+        """Invoke a timer function now, as the host's admin API (``POST /admin/functions/{name}``) does;
+        True if it succeeded. The function must be enabled and its schedule valid."""
+        assert self._timers is not None
+        return await self._timers.fire(function)
 
     def _invoke_http(self, route: Route, invocation_id: str, method: str, url: str,
                      params: dict[str, str]) -> asyncio.Future[Any]:
@@ -190,8 +215,16 @@ class FunctionsHost:
             invocation_id=invocation_id, function_id=trigger.function_id, input_data=input_data,
             trigger_metadata=metadata))
 
+    async def _invoke_timer(self, trigger: TimerTrigger, invocation_id: str, input_data: list[Any]) -> Any:
+        assert self._channel is not None
+        return await self._channel.request(f"invocation:{invocation_id}", invocation_request=protos.InvocationRequest(
+            invocation_id=invocation_id, function_id=trigger.function_id, input_data=input_data))
+
     async def stop(self) -> None:
         """Stop the triggers, then the worker: SIGTERM, up to ``shutdown_grace`` to exit, then SIGKILL."""
+        if self._timers is not None:
+            await self._timers.stop()
+            self._timers = None
         if self._triggers is not None:
             await self._triggers.stop()
             self._triggers = None

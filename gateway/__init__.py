@@ -15,10 +15,18 @@ from gateway._exceptions import (
     UpstreamFailed,
     UpstreamTimedOut,
 )
-from gateway._functions import list_models, not_routed, proxy_request, stored_response_request
+from gateway._functions import (
+    check_health,
+    check_ready,
+    list_models,
+    not_routed,
+    proxy_request,
+    stored_response_request,
+)
 from gateway._records import LoggingSink, Usage, UsageRecord, UsageSink
 from gateway._runtime import GatewayRuntime
 from gateway._settings import BackendConfig, Settings, load_settings
+from gateway._telemetry import setup_telemetry
 
 __all__ = [
     "BackendConfig",
@@ -41,9 +49,12 @@ __all__ = [
     "Usage",
     "UsageRecord",
     "UsageSink",
+    "check_health",
+    "check_ready",
     "list_models",
     "load_settings",
     "not_routed",
     "proxy_request",
+    "setup_telemetry",
     "stored_response_request",
 ]

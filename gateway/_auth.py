@@ -11,10 +11,10 @@ import asyncio
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway._exceptions import KeyStoreUnavailable, Unauthorized
 from usage import STORAGE_ERRORS, KeyRecord, hash_key
@@ -84,8 +84,13 @@ class KeyCache:
         timeout: float,
         clock: Callable[[], float],
         secret: bytes = b"",
+        previous_secret: bytes = b"",
+        rehash: Callable[[str, str], Coroutine[Any, Any, bool]] | None = None,
     ) -> None:
         self._store = store
+        self._previous = previous_secret
+        self._rehash = rehash
+        self._rehashing: dict[str, asyncio.Task[bool]] = {}
         self._ttl = ttl
         self._stale = stale
         self._timeout = timeout
@@ -107,12 +112,37 @@ class KeyCache:
         digest = hash_key(key, self._secret)
         entry = self._cached(digest)
         record = entry.record if entry is not None else await self._wait(digest)
+        if record is None and self._previous:
+            record = await self._under_previous(key, digest)
         if record is None or not record.enabled:
             raise Unauthorized(
                 "Access denied due to invalid subscription key. Make sure to provide a valid key "
                 "for an active subscription."
             )
         return record
+
+    async def _under_previous(self, key: str, digest: str) -> KeyRecord | None:
+        """During a ``KEY_HASH_SECRET`` rotation: the key's record under the previous secret; an enabled key found
+        there is moved to the current secret's hash in the background (once), and served meanwhile."""
+        old = hash_key(key, self._previous)
+        entry = self._cached(old)
+        record = entry.record if entry is not None else await self._wait(old)
+        if record is not None and record.enabled and self._rehash is not None and old not in self._rehashing:
+            task = asyncio.create_task(self._rehash(old, digest), name="key rehash")
+            self._rehashing[old] = task
+            task.add_done_callback(partial(self._rehashed, old, digest, record))
+        return record
+
+    def _rehashed(self, old: str, digest: str, record: KeyRecord, task: asyncio.Task[bool]) -> None:
+        del self._rehashing[old]
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            log.warning("moving a key to the current KEY_HASH_SECRET failed: %s", type(error).__name__)
+        elif task.result():
+            self._entries[digest] = _Entry(record, self._clock())  # found under the new hash from now on
+            log.info("key %s moved to the current KEY_HASH_SECRET", record.name)
 
     def _cached(self, digest: str) -> _Entry | None:
         """The entry to answer from (refreshing it in the background when it is stale), if any."""
@@ -181,7 +211,7 @@ class KeyCache:
 
     async def close(self) -> None:
         """Cancel the lookups still running (at shutdown)."""
-        tasks = list(self._inflight.values())
+        tasks = [*self._inflight.values(), *self._rehashing.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -119,6 +119,11 @@ class BackendPool:
         if current is None or current.until < until:
             self._cooling[(backend.name, deployment)] = _Cooling(until, throttled)
 
+    def cooling(self) -> list[tuple[str, str]]:
+        """The (backend, deployment) pairs cooling now (for the telemetry gauge)."""
+        now = self._clock()
+        return [pair for pair, state in list(self._cooling.items()) if state.until > now]
+
     def recovery(self, deployment: str, *, only: str | None = None) -> tuple[float, bool]:
         """Seconds until the first cooling backend for ``deployment`` (or backend ``only``) recovers, and
         whether any was throttled."""

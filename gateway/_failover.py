@@ -23,6 +23,7 @@ from gateway._credentials import TokenProvider
 from gateway._exceptions import NoBackendAvailable, RequestError, UpstreamFailed, UpstreamTimedOut
 from gateway._request import Call, body_for, url_for
 from gateway._settings import BackendConfig, Settings
+from gateway._telemetry import Telemetry
 from gateway._timing import Timer
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,10 @@ class Failover:
         tokens: TokenProvider | None,
         timer: Timer,
         wall_clock: Callable[[], float],
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._settings = settings
+        self._telemetry = telemetry or Telemetry.off()
         self._session = session
         self._pool = pool
         self._tokens = tokens
@@ -83,15 +86,18 @@ class Failover:
         elif self._tokens is not None:
             headers["authorization"] = await self._tokens.authorization()
         wait = backend.response_timeout_for(call.deployment, default=self._settings.response_timeout)
-        async with self._timer.deadline(min(self._timer.clock() + wait, deadline)):
-            return await self._session.request(
-                call.endpoint.method,
-                url_for(call, backend),
-                data=body_for(call, backend, with_usage=with_usage) if call.endpoint.method == "POST" else None,
-                headers=headers,
-                timeout=self._timeout,
-                allow_redirects=False,
-            )
+        with self._telemetry.attempt(backend, headers) as attempt:  # a child span; traceparent into headers
+            async with self._timer.deadline(min(self._timer.clock() + wait, deadline)):
+                upstream = await self._session.request(
+                    call.endpoint.method,
+                    url_for(call, backend),
+                    data=body_for(call, backend, with_usage=with_usage) if call.endpoint.method == "POST" else None,
+                    headers=headers,
+                    timeout=self._timeout,
+                    allow_redirects=False,
+                )
+            attempt.answered(upstream.status)
+            return upstream
 
     async def send(self, call: Call, *, deadline: float) -> Answer:
         """The first answer worth passing on, or the ``RequestError`` that says why there is none."""

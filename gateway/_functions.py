@@ -10,6 +10,7 @@ from fastapi.responses import StreamingResponse
 
 from gateway._endpoints import endpoint
 from gateway._exceptions import MethodNotAllowed, NotFound, RequestError, SettingsError
+from gateway._health import liveness, readiness
 from gateway._proxy import Proxy
 from gateway._responses import error_response
 from gateway._runtime import GatewayRuntime
@@ -63,6 +64,16 @@ async def list_models(runtime: GatewayRuntime, request: Request) -> StreamingRes
     if isinstance(proxy, StreamingResponse):
         return proxy
     return await proxy.models(request)
+
+
+async def check_health(request: Request) -> StreamingResponse:
+    """``/health``: 200 while the process answers; touches no key, storage or backend."""
+    return await liveness()
+
+
+async def check_ready(runtime: GatewayRuntime, request: Request) -> StreamingResponse:
+    """``/health/ready``: 200 when settings, Table Storage and the usage publisher are usable, else 503."""
+    return await readiness(runtime)
 
 
 async def not_routed(request: Request) -> StreamingResponse:

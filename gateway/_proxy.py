@@ -30,6 +30,7 @@ from gateway._responses import REQUEST_ID_HEADER, RelayResponse, buffered, error
 from gateway._responses_api import ResponsesRelay, StoredResponses, stored_response, stream_cut_event
 from gateway._settings import BackendConfig, Settings, is_deployment_name
 from gateway._sse import StreamRelay
+from gateway._telemetry import Span, Telemetry
 from gateway._timing import Timer
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class _Context:
     deployment: str  # as far as known: "-" until the request names a plain one
     received: list[bytes] | None = None  # what the client was sent, kept when its key logs content
     upstream: tuple[BackendConfig, bool] | None = None  # the backend that answered, asked for usage or not
+    span: Span | None = None
 
 
 class Proxy:
@@ -71,9 +73,11 @@ class Proxy:
         wall_clock: Callable[[], float],
         affinity: AffinityMap,
         content: ContentLog | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._settings = settings
         self._content = content
+        self._telemetry = telemetry or Telemetry.off()
         self._keys = keys
         self._pool = pool
         self._quota = quota
@@ -82,7 +86,7 @@ class Proxy:
         self._clock = timer.clock
         self._wall_clock = wall_clock
         self._failover = Failover(settings, session=session, pool=pool, tokens=tokens, timer=timer,
-                                  wall_clock=wall_clock)
+                                  wall_clock=wall_clock, telemetry=self._telemetry)
         self._stored = StoredResponses(settings, affinity=affinity, failover=self._failover, pool=pool, sink=sink,
                                        timer=timer, wall_clock=wall_clock)
 
@@ -94,6 +98,7 @@ class Proxy:
             key_name="",
             operation=operation,
             deployment=path_deployment(request) or "-",
+            span=self._telemetry.start_request(request.headers, operation),
         )
 
     async def handle(self, request: Request, *, endpoint: Endpoint) -> StreamingResponse:
@@ -114,9 +119,11 @@ class Proxy:
             if key.limits.any and not endpoint.stored:
                 call.reservation = await self._quota.admit(key, estimate=self._reservation_estimate(call))
                 call.response_headers[REMAINING_HEADER] = str(call.reservation.remaining)
-            return await self._forward(call, context, deadline=deadline)
+            with self._telemetry.current(context.span):
+                return await self._forward(call, context, deadline=deadline)
         except RequestError as exc:
             log.info("request %s refused: %s %s", context.request_id, exc.status, exc.code)
+            self._telemetry.refused(context.span, exc)
             error, outcome = exc, "refused"
         except Exception:  # a bug of ours: the client gets a plain 500, the log gets the traceback
             log.exception("request %s failed inside the gateway", context.request_id)
@@ -128,6 +135,8 @@ class Proxy:
                 error.headers = {**call.response_headers, **error.headers}
             self._emit(context, call, "", model="", usage=None, source="none", status=error.status,
                        ended=self._clock(), first_byte=None, outcome=outcome)
+        else:
+            self._telemetry.end_request(context.span, error.status)
         return error_response(error, request_id=context.request_id)
 
     async def models(self, request: Request) -> StreamingResponse:
@@ -339,6 +348,7 @@ class Proxy:
         if context.received is not None and self._content is not None and call is not None:
             backend_config, with_usage = context.upstream or (None, False)
             self._content.record(record, call, context.received, backend=backend_config, with_usage=with_usage)
+        self._telemetry.record(context.span, record)
 
 
 def _json_object(body: bytes) -> dict[str, Any] | None:

@@ -15,8 +15,9 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
+from azure.core.exceptions import AzureError
 from azure.servicebus import ServiceBusMessage
 from azure.servicebus.aio import ServiceBusClient, ServiceBusSender
 from azure.servicebus.exceptions import MessageSizeExceededError
@@ -33,13 +34,24 @@ class EventTransport(Protocol):
 
     async def close(self) -> None: ...
 
+    async def probe(self) -> str:
+        """Check that a send could go out now (raise if not); returns the transport's kind."""
+
 
 class ServiceBusTransport:
     """Sends events as Service Bus message batches, ``message_id`` = event id."""
 
     def __init__(self, client: ServiceBusClient, queue: str) -> None:
         self._client = client
+        self._queue = queue
         self._sender: ServiceBusSender = client.get_queue_sender(queue)
+
+    async def probe(self) -> str:
+        """Open a sender link of its own to the queue and close it: an open link of the publisher's says
+        nothing of the connection until a send fails. Costs a connection, so readiness checks only."""
+        async with self._client.get_queue_sender(self._queue) as sender:
+            await sender.create_message_batch()
+        return "service_bus"
 
     async def send(self, events: Sequence[tuple[str, bytes]]) -> None:
         batch = await self._sender.create_message_batch()
@@ -67,6 +79,9 @@ class InProcessTransport:
 
     async def send(self, events: Sequence[tuple[str, bytes]]) -> None:
         await self._aggregator.aggregate([body for _, body in events], message_ids=[i for i, _ in events])
+
+    async def probe(self) -> str:
+        return "in_process"  # the aggregator writes to Table Storage, which readiness checks on its own
 
     async def close(self) -> None:
         return None
@@ -122,6 +137,11 @@ class BatchPublisher[T]:
         self.sent = 0
         self.dropped = 0
         self.failed_sends = 0
+        self.failing = False  # the last send failed: events wait for a retry
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
 
     @property
     def pending(self) -> int:
@@ -187,6 +207,7 @@ class BatchPublisher[T]:
         except self._retry_on as exc:  # the service failed: keep the items and retry later
             self.failed_sends += 1
             self.sent += count - len(batch)  # what a sender delivered before failing
+            self.failing = True
             log.warning("sending %d %s(s) failed (%s: %s); will retry", len(batch), self._what,
                         type(exc).__name__, str(exc)[:200])
             self._put_back(batch)
@@ -196,6 +217,7 @@ class BatchPublisher[T]:
             self._dropped(len(batch))
             return True
         self.sent += count
+        self.failing = False
         return True
 
     def _put_back(self, batch: list[T]) -> None:
@@ -256,3 +278,15 @@ class UsagePublisher(BatchPublisher[UsageRecord]):
         super().__init__(_EventSender(transport), what="usage event", retry_on=(Exception,), capacity=capacity,
                          batch_size=batch_size, linger=linger, initial_backoff=initial_backoff,
                          max_backoff=max_backoff, sleep=sleep)
+        self._transport = transport
+
+    async def health(self) -> dict[str, Any]:
+        """``down`` when the transport cannot send now; ``degraded`` while sends fail or the buffer fills."""
+        try:
+            transport = await self._transport.probe()
+        except (AzureError, OSError) as exc:  # Service Bus errors (AzureError), sockets; a bug still raises
+            return {"status": "down", "reason": type(exc).__name__}
+        degraded = self.failing or len(self._buffer) * 2 > self._capacity
+        return {"status": "degraded" if degraded else "ok", "transport": transport,
+                "buffered": len(self._buffer), "dropped": self.dropped}
+

@@ -30,6 +30,7 @@ from gateway._publish import EventTransport, InProcessTransport, ServiceBusTrans
 from gateway._quota import QuotaGuard, TableUsage
 from gateway._records import LoggingSink, TeeSink, UsageSink
 from gateway._settings import Settings, load_settings
+from gateway._telemetry import Telemetry, flush_telemetry
 from gateway._timing import Timer
 from usage import open_blob_service
 from usage._aggregate import Aggregator
@@ -68,6 +69,8 @@ class GatewayRuntime:
         self._stopping: asyncio.Task[None] | None = None
         self.publisher: UsagePublisher | None = None
         self.content: ContentLog | None = None
+        self.tables: TableServiceClient | None = None  # for the readiness check
+        self.telemetry = Telemetry.off()
 
     def configure(
         self,
@@ -109,6 +112,7 @@ class GatewayRuntime:
                 self._proxy = self._build(settings, clock=clock, wall_clock=wall_clock, random=random,
                                           sink=sink, credential=credential)
             except BaseException:
+                self.tables = None
                 await self._release()  # nothing half-built stays open
                 raise
             self._warming = asyncio.get_running_loop().run_in_executor(None, _tokens.warm)
@@ -141,10 +145,12 @@ class GatewayRuntime:
         except ValueError as exc:  # the SDK's word for a connection string it cannot use
             raise SettingsError(STORAGE_SETTING, "is not a usable storage connection string") from exc
         self._closers.append(tables.close)
+        self.tables = tables
         # Table reads made for requests are bounded by the key lookup time-out, in the background too
         store = KeyStore(tables, secret=settings.key_hash_secret, lookup_timeout=settings.key_lookup_timeout)
         keys = KeyCache(store, ttl=settings.key_cache_seconds, stale=settings.key_stale_seconds,
-                        timeout=settings.key_lookup_timeout, clock=clock, secret=settings.key_hash_secret)
+                        timeout=settings.key_lookup_timeout, clock=clock, secret=settings.key_hash_secret,
+                        previous_secret=settings.key_hash_previous_secret, rehash=store.rehash)
         self._closers.append(keys.close)
         quota = QuotaGuard(TableUsage(tables, timeout=settings.key_lookup_timeout),
                            cache_seconds=settings.quota_cache_seconds, settle_seconds=settings.quota_settle_seconds,
@@ -153,6 +159,7 @@ class GatewayRuntime:
         self._closers.append(quota.close)
         # a Service Bus send, like an aggregation into the tables, costs milliseconds of CPU whatever its
         # size: gather events briefly first, so a burst of requests costs one send (see the constants)
+        self.telemetry = Telemetry.from_env(settings.backends)  # exporters from the environment, once per process
         linger = IN_PROCESS_LINGER if settings.service_bus is None else SERVICE_BUS_LINGER
         self.publisher = UsagePublisher(self._transport(settings, tables, credential),
                                         capacity=settings.usage_buffer_size, linger=linger)
@@ -161,11 +168,14 @@ class GatewayRuntime:
         if sink is not None:
             sinks.append(sink)
         self.content = self._content_log(settings, session, credential)
+        pool = BackendPool(settings.backends, clock=clock, random=random)
+        self.telemetry.observe(pool=pool, publisher=self.publisher)
         return Proxy(
             settings,
             session=session,
             keys=keys,
-            pool=BackendPool(settings.backends, clock=clock, random=random),
+            pool=pool,
+            telemetry=self.telemetry,
             tokens=None if credential is None else TokenProvider(credential, wall_clock=wall_clock),
             quota=quota,
             sink=TeeSink(*sinks),
@@ -249,7 +259,7 @@ class GatewayRuntime:
         if self._lock is None:
             return
         async with self._lock:
-            self._proxy = None
+            self._proxy = self.tables = None
             flushes = []  # both at once: SIGTERM gives them SIGTERM_FLUSH_SECONDS together
             if self.publisher is not None:
                 publisher, self.publisher = self.publisher, None
@@ -259,6 +269,8 @@ class GatewayRuntime:
                 flushes.append(content.close(flush_seconds=flush_seconds))
             await asyncio.gather(*flushes)
             await self._release()
+            if self.telemetry.enabled:  # a worker ended by SIGTERM runs no atexit hook: export what is held now
+                await asyncio.get_running_loop().run_in_executor(None, flush_telemetry)
             if self._warming is not None:
                 await self._warming
                 self._warming = None

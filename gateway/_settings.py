@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from gateway._exceptions import SettingsError
 from usage import BlobStorageConfig, StorageConfig, load_blob_config, load_storage_config
+from usage._config import DEFAULT_LEDGER_RETENTION_DAYS, load_ledger_retention
 
 DEPLOYMENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -86,6 +87,8 @@ class Settings:
     backends: tuple[BackendConfig, ...]
     storage: StorageConfig
     key_hash_secret: bytes = field(default=b"", repr=False)
+    #: during a rotation, the secret before KEY_HASH_SECRET: keys still hashed with it are found and moved
+    key_hash_previous_secret: bytes = field(default=b"", repr=False)
     key_cache_seconds: float = 30.0
     key_lookup_timeout: float = 2.0
     key_stale_seconds: float = 300.0
@@ -109,6 +112,8 @@ class Settings:
     #: regular expressions whose matches are replaced by ``[redacted]`` in prompts and completions
     content_log_redact: tuple[str, ...] = ()
     content_log_buffer_bytes: int = 64 * 1024 * 1024
+    #: read by the ledger clean-up (``usage``); checked here so a bad value stops start-up and shows in readiness
+    ledger_retention_days: float = DEFAULT_LEDGER_RETENTION_DAYS
 
     @property
     def needs_credential(self) -> bool:
@@ -267,6 +272,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         backends=load_backends(env.get("AOAI_BACKENDS", "")),
         storage=load_storage_config(env),
         key_hash_secret=env.get("KEY_HASH_SECRET", "").encode(),
+        key_hash_previous_secret=env.get("KEY_HASH_SECRET_PREVIOUS", "").encode(),
         key_cache_seconds=_number(env, "KEY_CACHE_SECONDS", 30.0),
         key_lookup_timeout=_number(env, "KEY_LOOKUP_TIMEOUT_SECONDS", 2.0, minimum=0.001),
         key_stale_seconds=_number(env, "KEY_STALE_SECONDS", 300.0),
@@ -288,4 +294,5 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         content_log_max_bytes=_integer(env, "CONTENT_LOG_MAX_BYTES", 1024 * 1024, minimum=4096),
         content_log_redact=load_redactions(env.get("CONTENT_LOG_REDACT", "")),
         content_log_buffer_bytes=_integer(env, "CONTENT_LOG_BUFFER_BYTES", 64 * 1024 * 1024, minimum=1024 * 1024),
+        ledger_retention_days=load_ledger_retention(env),
     )

@@ -176,6 +176,7 @@ SETTING_WRITERS: dict[str, Callable[[Any], dict[str, str]]] = {
     "storage": lambda v: ({"UsageStorage": v.connection_string} if v.connection_string is not None
                           else {"UsageStorage__tableServiceUri": v.table_service_uri}),
     "key_hash_secret": lambda v: {"KEY_HASH_SECRET": v.decode()},
+    "key_hash_previous_secret": lambda v: {"KEY_HASH_SECRET_PREVIOUS": v.decode()} if v else {},
     "key_cache_seconds": lambda v: {"KEY_CACHE_SECONDS": _seconds(v)},
     "key_lookup_timeout": lambda v: {"KEY_LOOKUP_TIMEOUT_SECONDS": _seconds(v)},
     "key_stale_seconds": lambda v: {"KEY_STALE_SECONDS": _seconds(v)},
@@ -202,6 +203,7 @@ SETTING_WRITERS: dict[str, Callable[[Any], dict[str, str]]] = {
     "content_log_max_bytes": lambda v: {"CONTENT_LOG_MAX_BYTES": str(v)},
     "content_log_redact": lambda v: {"CONTENT_LOG_REDACT": json.dumps(list(v))},
     "content_log_buffer_bytes": lambda v: {"CONTENT_LOG_BUFFER_BYTES": str(v)},
+    "ledger_retention_days": lambda v: {"LEDGER_RETENTION_DAYS": _seconds(v)},
 }
 _UNWRITTEN = {f.name for f in fields(Settings)} - set(SETTING_WRITERS)
 assert not _UNWRITTEN, f"tests/harness.py cannot write these Settings fields as app settings: {_UNWRITTEN}"

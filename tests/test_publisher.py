@@ -33,6 +33,11 @@ class FlakyTransport:
             raise ConnectionError("service bus unreachable")
         self.delivered.extend(events)
 
+    async def probe(self) -> str:
+        if self.down:
+            raise ConnectionError("service bus unreachable")
+        return "flaky"
+
     async def close(self) -> None:
         self.closed = True
 
@@ -122,6 +127,9 @@ class SlowTransport:
         self.during_send()  # type: ignore[operator]
         await asyncio.sleep(0)
 
+    async def probe(self) -> str:
+        return "slow"
+
     async def close(self) -> None:
         return None
 
@@ -147,3 +155,28 @@ async def test_events_arriving_during_a_send_wait_for_their_own_linger() -> None
     assert set(lingers) == {0.25}
     transport.during_send = lambda: None
     await publisher.close()
+
+
+async def test_health_says_down_while_the_transport_cannot_send_and_degraded_while_sends_fail() -> None:
+    """The readiness view of the publisher: down when the probe fails, degraded while a send is being retried,
+    ok once it went out."""
+    transport = FlakyTransport()
+    gate = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        await gate.wait()
+
+    publisher = UsagePublisher(transport, capacity=10, linger=0, sleep=sleep)
+    publisher.start()
+    publisher.emit(record(1))
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert (await publisher.health())["status"] == "down"
+    transport.down = False  # the link is back, but the batch still waits for its retry
+    health = await publisher.health()
+    assert (health["status"], health["buffered"]) == ("degraded", 1)
+    gate.set()
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert (await publisher.health()) == {"status": "ok", "transport": "flaky", "buffered": 0, "dropped": 0}
+    await publisher.close(flush_seconds=1)

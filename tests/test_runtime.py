@@ -30,7 +30,7 @@ def test_indexing_reports_the_bindings_azure_will_see(gateway: Gateway) -> None:
     """The runtime indexes every function with its routes, methods and the Service Bus batch trigger."""
     triggers = {f.name: f.trigger for f in gateway.host.functions}
     routes = {name: (t["route"], t.get("methods")) for name, t in triggers.items() if t["type"] == "httpTrigger"}
-    assert set(triggers) == {*routes, "aggregate_usage"}
+    assert set(triggers) == {*routes, "aggregate_usage", "clean_usage_ledger"} and len(triggers) == 27
     methods = {name: [m.upper() for m in found] if found else found for name, (_, found) in routes.items()}
     assert {name: (route, methods[name]) for name, (route, _) in routes.items()} == {
         "chat_completions": ("openai/deployments/{deployment}/chat/completions", ["POST"]),
@@ -55,10 +55,15 @@ def test_indexing_reports_the_bindings_azure_will_see(gateway: Gateway) -> None:
         "v1_audio_translations": ("openai/v1/audio/translations", ["POST"]),
         "audio_speech": ("openai/deployments/{deployment}/audio/speech", ["POST"]),
         "v1_audio_speech": ("openai/v1/audio/speech", ["POST"]),
+        "health": ("health", ["GET"]),
+        "health_ready": ("health/ready", ["GET"]),
         "not_found": ("{*path}", routes["not_found"][1]),
     }
     assert routes["not_found"][1] in (None, [])  # every method
     assert all(t["authLevel"].upper() == "ANONYMOUS" for t in triggers.values() if t["type"] == "httpTrigger")
+    timer = triggers["clean_usage_ledger"]
+    assert (timer["type"], timer["schedule"], timer.get("runOnStartup", False)) == (
+        "timerTrigger", "0 17 * * * *", False)
     queue = triggers["aggregate_usage"]
     assert (queue["type"], queue["queueName"], queue["connection"], queue["cardinality"].lower()) == (
         "serviceBusTrigger", "%USAGE_QUEUE_NAME%", "ServiceBusConnection", "many")

@@ -62,6 +62,8 @@ def test_sample_settings_and_readme_state_the_defaults() -> None:
     ({"AOAI_BACKENDS": ONE, **STORAGE, "BODY_READ_TIMEOUT_SECONDS": "0"}, "BODY_READ_TIMEOUT_SECONDS"),
     ({"AOAI_BACKENDS": ONE, **STORAGE, "BODY_READ_TIMEOUT_SECONDS": "soon"}, "BODY_READ_TIMEOUT_SECONDS"),
     ({"AOAI_BACKENDS": ONE, **STORAGE, "REQUEST_DEADLINE_SECONDS": "inf"}, "REQUEST_DEADLINE_SECONDS"),
+    ({"AOAI_BACKENDS": ONE, **STORAGE, "LEDGER_RETENTION_DAYS": "two weeks"}, "LEDGER_RETENTION_DAYS"),
+    ({"AOAI_BACKENDS": ONE, **STORAGE, "LEDGER_RETENTION_DAYS": "0.5"}, "LEDGER_RETENTION_DAYS"),
     *[({"AOAI_BACKENDS": json.dumps([{"name": "a", "endpoint": "https://x", **backend}]), **STORAGE},
        "AOAI_BACKENDS") for backend in (
         {"response_timeout_seconds": 0}, {"response_timeout_seconds": -5}, {"response_timeout_seconds": "60"},
@@ -264,7 +266,7 @@ def test_deployed_code_never_imports_development_machinery() -> None:
     for path in (PROJECT / "bench").rglob("*.py"):
         assert "tests" not in imports(path), path
     ignored = set((PROJECT / ".funcignore").read_text().split())
-    assert {"devkit", "tests", "bench", "scripts", ".venv", ".azurite", ".local"} <= ignored
+    assert {"devkit", "tests", "bench", "scripts", ".venv", ".azurite", ".local", "infra", ".azure"} <= ignored
 
 
 def test_backend_usage_the_aggregator_would_refuse_counts_as_zero() -> None:

@@ -33,6 +33,7 @@ from azure.data.tables import (
 from azure.data.tables.aio import TableClient, TableServiceClient
 
 from usage._events import MalformedEvent, UsageEvent, decode_event
+from usage._metrics import usage_meter
 from usage._rejects import reject_entity
 from usage._schema import (
     COUNTERS,
@@ -53,6 +54,7 @@ IDS_PER_LEDGER_ROW = 900  # 33 characters each: well under a string property's 6
 _ROWS_PER_QUERY = 14  # a filter may hold 15 comparisons: PartitionKey and 14 rows
 INT64_MAX = 2**63 - 1
 _CONFLICTS = {"UpdateConditionNotSatisfied", "EntityAlreadyExists", "ConditionNotMet"}
+_LAG_BUCKETS = [0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 86400]
 
 
 class AggregationConflict(RuntimeError):
@@ -159,6 +161,14 @@ class Aggregator:
         self._tables_ready = False
         #: Table Storage calls made, for the benchmark: queries, transactions, reject writes.
         self.table_requests = 0
+        meter = usage_meter()  # no-ops unless the process set up telemetry before making the aggregator
+        self._counted = meter.create_counter("aoai_gateway.usage.counted", unit="{event}",
+                                             description="Usage events the aggregator counted")
+        self._rejected = meter.create_counter("aoai_gateway.usage.rejected", unit="{event}",
+                                              description="Usage messages the aggregator rejected")
+        self._lag = meter.create_histogram("aoai_gateway.usage.lag", unit="s",
+                                           description="From an event's time to its being counted",
+                                           explicit_bucket_boundaries_advisory=_LAG_BUCKETS)
 
     async def ensure_tables(self) -> None:
         if self._tables_ready:
@@ -187,6 +197,8 @@ class Aggregator:
         rejects += [_Reject(sources[e.event_id], "counting it would take a counter of its key's month past Int64")
                     for e in outcome.too_large]
         await asyncio.gather(*(self._reject(reject) for reject in rejects))
+        self._counted.add(outcome.counted)
+        self._rejected.add(len(rejects))
         return BatchResult(
             counted=outcome.counted,
             duplicates=in_batch_duplicates + outcome.duplicates,
@@ -266,6 +278,9 @@ class Aggregator:
             if exc.status_code in (409, 412) or str(getattr(exc, "error_code", "")) in _CONFLICTS:
                 raise _Conflict from exc
             raise
+        now = datetime.now(UTC)
+        for event in fresh:
+            self._lag.record(max(0.0, (now - event.time).total_seconds()))
         return skipped + _Outcome(counted=len(fresh), transactions=1)
 
     def _operations(

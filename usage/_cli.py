@@ -15,6 +15,7 @@ from azure.core.exceptions import AzureError
 from azure.data.tables.aio import TableServiceClient
 from azure.identity.aio import DefaultAzureCredential
 
+from usage import _replay
 from usage._config import CONTENT_LOG_SETTING, SettingsError, load_blob_config, load_storage_config, read_environment
 from usage._content import open_blob_service, read_records, render_records
 from usage._keys import KeyRecord, KeyStore, KeyStoreError, Limits
@@ -88,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="last day, included (UTC, default: today)")
     content.add_argument("--request-id", help="only this request (its x-gateway-request-id)")
     content.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
+    _replay.add_commands(commands)
     return parser
 
 
@@ -179,6 +181,8 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
     credential = DefaultAzureCredential() if config.uses_identity else None
     try:
         async with open_table_service(config, credential=credential) as service:
+            if args.command == "rejects":
+                return await _replay.run(service, args, out)
             if args.command == "report":
                 await _report(service, args, out)
             else:
@@ -198,6 +202,9 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO = sys.stdout) -> int:
     try:
         return asyncio.run(_run(args, out))
     except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except _replay.RejectsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyStoreError as exc:

@@ -102,3 +102,21 @@ def load_blob_config(env: Mapping[str, str], name: str = CONTENT_LOG_SETTING) ->
             raise SettingsError(f"{name}__blobServiceUri", "must be an http(s) URL")
         return BlobStorageConfig(blob_service_uri=uri.rstrip("/"))
     return None
+
+
+LEDGER_RETENTION_SETTING = "LEDGER_RETENTION_DAYS"
+DEFAULT_LEDGER_RETENTION_DAYS = 14.0
+
+
+def load_ledger_retention(env: Mapping[str, str]) -> float:
+    """``LEDGER_RETENTION_DAYS``: how long ledger rows are kept, the queue's redelivery horizon (default 14)."""
+    raw = env.get(LEDGER_RETENTION_SETTING, "").strip()
+    if not raw:
+        return DEFAULT_LEDGER_RETENTION_DAYS
+    try:
+        days = float(raw)
+    except ValueError:
+        raise SettingsError(LEDGER_RETENTION_SETTING, f"must be a number of days, not {raw!r}") from None
+    if not 1 <= days <= 3650:  # a day at least: the ledger is what makes redeliveries harmless
+        raise SettingsError(LEDGER_RETENTION_SETTING, f"must be from 1 to 3650 days, not {raw!r}")
+    return days

@@ -6,13 +6,15 @@ import asyncio
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Protocol
 
 from azure.data.tables.aio import TableServiceClient
 from azure.identity.aio import DefaultAzureCredential
 
 from usage._aggregate import Aggregator, BatchResult
-from usage._config import load_storage_config
+from usage._config import load_ledger_retention, load_storage_config
+from usage._housekeeping import CleanupResult, delete_old_ledgers
 from usage._tables import open_table_service
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,12 @@ class AggregatorRuntime:
                 self._aggregator = Aggregator(self._service)
             return self._aggregator
 
+    async def service(self, env: Mapping[str, str] | None = None) -> TableServiceClient:
+        """The process's table client (made with the aggregator)."""
+        await self.aggregator(env)
+        assert self._service is not None
+        return self._service
+
     async def close(self) -> None:
         if self._service is not None:
             await self._service.close()
@@ -65,3 +73,12 @@ async def aggregate_messages(runtime: AggregatorRuntime, messages: Sequence[Queu
     log.info("usage batch of %d: %d counted, %d duplicate(s), %d rejected, %d transaction(s)",
              len(messages), result.counted, result.duplicates, result.rejected, result.transactions)
     return result
+
+
+async def clean_ledger(runtime: AggregatorRuntime, *, env: Mapping[str, str] | None = None,
+                       now: datetime | None = None) -> CleanupResult:
+    """Delete ledger rows older than ``LEDGER_RETENTION_DAYS`` (what the timer trigger calls)."""
+    settings = os.environ if env is None else env
+    retention = load_ledger_retention(settings)
+    service = await runtime.service(settings)
+    return await delete_old_ledgers(service, retention_days=retention, now=now or datetime.now(UTC))

@@ -199,6 +199,31 @@ class KeyStore:
         name_row, hash_row = await self._rows(name)
         await self._submit([_replace({**row, LOG_CONTENT: on}, row) for row in (name_row, hash_row)], name)
 
+    async def rehash(self, old_digest: str, new_digest: str) -> bool:
+        """Move a key from the hash under the previous secret to the hash under the current one (``KEY_HASH_SECRET``
+        rotation): in one transaction the new hash row is created, the name row points to it, and the old one goes.
+        False when there is nothing to move (already moved, revoked and replaced) or someone changed it meanwhile.
+        """
+        try:
+            old_row = await self._table.get_entity(PARTITION, "hash-" + old_digest, **self._lookup_options)
+            name_row = await self._table.get_entity(PARTITION, "name-" + str(old_row["Name"]),
+                                                    **self._lookup_options)
+        except ResourceNotFoundError:
+            return False
+        if name_row.get("Hash") != old_digest:
+            return False
+        new_row = {**old_row, "RowKey": "hash-" + new_digest}
+        try:
+            await self._table.submit_transaction([
+                (TransactionOperation.CREATE, new_row),
+                _replace({**name_row, "Hash": new_digest}, name_row),
+                (TransactionOperation.DELETE, old_row, {"etag": old_row.metadata["etag"],
+                                                        "match_condition": MatchConditions.IfNotModified}),
+            ])
+        except TableTransactionError:
+            return False
+        return True
+
     async def get(self, name: str) -> KeyRecord:
         name_row, _ = await self._rows(name)
         return _record(name, name_row)
