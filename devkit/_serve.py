@@ -78,7 +78,7 @@ def _listen(host: str, port: int) -> socket.socket:
     """The socket, bound before the worker starts so that a port in use fails at once and clearly; it
     listens (asyncio's server calls ``listen``) only once the worker is ready."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets TCP_NODELAY only then
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((host, port))

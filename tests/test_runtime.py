@@ -210,3 +210,11 @@ def test_websocket_upgrade_gets_an_aoai_shaped_answer(gateway: Gateway) -> None:
         while b"}}" not in answer and (chunk := sock.recv(65536)):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 404") and json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+
+
+def test_the_hosts_listener_is_tcp_so_connections_get_no_nagle_delay() -> None:
+    """serve's pre-bound socket says IPPROTO_TCP: asyncio turns Nagle off only then (else 40 ms per request)."""
+    from devkit._serve import _listen
+
+    with _listen("127.0.0.1", 0) as listener:
+        assert listener.proto == socket.IPPROTO_TCP
