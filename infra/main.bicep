@@ -31,6 +31,10 @@ param principalId string = ''
 @minValue(1)
 param ledgerRetentionDays int = 14
 
+@description('How long content records (CONTENT_LOG, for keys that opt in) are kept before the lifecycle rule deletes them')
+@minValue(1)
+param contentLogRetentionDays int = 30
+
 @description('Flex Consumption: most instances, and memory per instance')
 param maximumInstanceCount int = 40
 param instanceMemoryMB int = 2048
@@ -55,6 +59,7 @@ module gateway 'resources.bicep' = {
     keyHashSecret: keyHashSecret
     principalId: principalId
     ledgerRetentionDays: ledgerRetentionDays
+    contentLogRetentionDays: contentLogRetentionDays
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
   }

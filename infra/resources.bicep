@@ -8,6 +8,7 @@ param aoaiBackends string
 param keyHashSecret string
 param principalId string
 param ledgerRetentionDays int
+param contentLogRetentionDays int
 param maximumInstanceCount int
 param instanceMemoryMB int
 
@@ -16,12 +17,15 @@ param instanceMemoryMB int
 var queueName = 'usage-events'
 var tableNames = ['gatewaykeys', 'usage', 'usagerejects']
 var deploymentContainer = 'app-package-${take(resourceToken, 12)}'
+// content records (CONTENT_LOG, usage/_content.py), expired by a lifecycle rule after contentLogRetentionDays
+var contentLogContainer = 'contentlog'
 var keyHashSecretName = 'key-hash-secret'
 
 // Built-in role definition ids
 var roles = {
   storageBlobDataOwner: 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
   storageTableDataContributor: '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3'
+  storageBlobDataContributor: 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
   serviceBusDataSender: '69a216fc-b8fb-44d8-bc22-1f3c2cd27a39'
   serviceBusDataReceiver: '4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0'
   monitoringMetricsPublisher: '3913510d-42f4-4e42-8a64-420c390055eb'
@@ -86,8 +90,43 @@ module storage 'br/public:avm/res/storage/storage-account:0.8.3' = {
           name: deploymentContainer
           publicAccess: 'None'
         }
+        {
+          name: contentLogContainer
+          publicAccess: 'None'
+          roleAssignments: [
+            {
+              principalId: identity.outputs.principalId
+              principalType: 'ServicePrincipal'
+              roleDefinitionIdOrName: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageBlobDataContributor)
+            }
+          ]
+        }
       ]
     }
+    managementPolicyRules: [
+      {
+        enabled: true
+        name: 'contentlog-expiry'
+        type: 'Lifecycle'
+        definition: {
+          actions: {
+            baseBlob: {
+              delete: {
+                daysAfterModificationGreaterThan: contentLogRetentionDays
+              }
+            }
+          }
+          filters: {
+            blobTypes: [
+              'blockBlob'
+            ]
+            prefixMatch: [
+              '${contentLogContainer}/'
+            ]
+          }
+        }
+      }
+    ]
     tableServices: {
       tables: [for table in tableNames: { name: table }]
     }

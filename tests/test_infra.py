@@ -28,6 +28,7 @@ TEMPLATES = sorted(INFRA.rglob("*.bicep"))
 BUILT_IN_ROLES = {
     "storageBlobDataOwner": "b7e6dc6d-f1e8-4753-8033-0f276bb0955b",  # Storage Blob Data Owner
     "storageTableDataContributor": "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3",  # Storage Table Data Contributor
+    "storageBlobDataContributor": "ba92f5b4-2d11-453d-a403-e96b0029c9fe",  # Storage Blob Data Contributor
     "serviceBusDataSender": "69a216fc-b8fb-44d8-bc22-1f3c2cd27a39",  # Azure Service Bus Data Sender
     "serviceBusDataReceiver": "4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0",  # Azure Service Bus Data Receiver
     "monitoringMetricsPublisher": "3913510d-42f4-4e42-8a64-420c390055eb",  # Monitoring Metrics Publisher
@@ -120,6 +121,8 @@ def test_every_setting_the_app_needs_in_azure_is_set() -> None:
     assert env["APPLICATIONINSIGHTS_CONNECTION_STRING"] and "Authorization=AAD" in env[
         "APPLICATIONINSIGHTS_AUTHENTICATION_STRING"]
     assert float(env["LEDGER_RETENTION_DAYS"]) == settings.ledger_retention_days
+    assert settings.content_log is not None and settings.content_log.blob_service_uri == (
+        "https://stexample.blob.core.windows.net")
     # Flex Consumption refuses these two: the runtime is set in functionAppConfig
     assert not {"FUNCTIONS_WORKER_RUNTIME", "FUNCTIONS_EXTENSION_VERSION"} & set(env)
 
@@ -176,7 +179,8 @@ def test_role_assignments_use_the_built_in_role_ids() -> None:
     resources = parsed(INFRA / "resources.bicep")
     assert resources["variables"]["roles"]["value"] == BUILT_IN_ROLES
     modules = resources["modules"]
-    assert _roles_named(modules["storage"]) == {"storageBlobDataOwner", "storageTableDataContributor"}
+    assert _roles_named(modules["storage"]) == {"storageBlobDataOwner", "storageTableDataContributor",
+                                                "storageBlobDataContributor"}
     assert _roles_named(modules["serviceBus"]) == {"serviceBusDataSender", "serviceBusDataReceiver"}
     assert _roles_named(modules["appInsights"]) == {"monitoringMetricsPublisher"}
     assert _roles_named(resources["resources"]["secretsUser"]) == {"keyVaultSecretsUser"}
@@ -188,3 +192,23 @@ def test_role_assignments_use_the_built_in_role_ids() -> None:
     guids = set(re.findall(r"'([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})'",
                            "\n".join(p.read_text() for p in TEMPLATES)))
     assert guids == {*BUILT_IN_ROLES.values(), COGNITIVE_SERVICES_OPENAI_USER}
+
+
+def test_content_log_container_its_expiry_and_its_role() -> None:
+    """The content-log container the code writes to exists, a lifecycle rule expires it (30 days by default),
+    and the app's identity is Storage Blob Data Contributor on it."""
+    from usage._content import CONTAINER
+
+    resources = parsed(INFRA / "resources.bicep")
+    assert resources["variables"]["contentLogContainer"]["value"] == CONTAINER
+    storage = resources["modules"]["storage"]["config"]["params"]
+    [container] = [c for c in storage["blobServices"]["containers"] if c["name"] == "contentLogContainer"]
+    assert container["publicAccess"] == "None"
+    assert _roles_named(container["roleAssignments"]) == {"storageBlobDataContributor"}
+    [rule] = storage["managementPolicyRules"]
+    assert rule["enabled"] is True and rule["type"] == "Lifecycle"
+    assert rule["definition"]["actions"]["baseBlob"]["delete"] == {
+        "daysAfterModificationGreaterThan": "contentLogRetentionDays"}
+    assert rule["definition"]["filters"]["prefixMatch"] == ["${contentLogContainer}/"]
+    main = parsed(INFRA / "main.bicep")
+    assert main["parameters"]["contentLogRetentionDays"]["default"] == 30

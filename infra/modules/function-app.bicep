@@ -28,6 +28,8 @@ var appSettings = {
   AzureWebJobsStorage__clientId: identityClientId
   // the gateway's tables
   UsageStorage__tableServiceUri: 'https://${storageAccountName}.table.${storageSuffix}'
+  // content records, for keys that opt in (container contentlog, Storage Blob Data Contributor on it)
+  CONTENT_LOG__blobServiceUri: 'https://${storageAccountName}.blob.${storageSuffix}'
   // usage events: the gateway's sender and the aggregate_usage trigger
   ServiceBusConnection__fullyQualifiedNamespace: '${serviceBusNamespace}.servicebus.windows.net'
   ServiceBusConnection__credential: 'managedidentity'
