@@ -43,6 +43,15 @@ class QueueTrigger:
     many: bool
 
 
+async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel the trigger loops and wait until each has stopped."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 class UnresolvedSetting(ValueError):
     """A binding expression names an app setting that is not set."""
 
@@ -175,11 +184,7 @@ class TriggerRunner:
             await receiver.complete_message(message)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         for close in reversed(self._closers):
             await close()
         self._tasks, self._closers = [], []

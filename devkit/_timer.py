@@ -12,7 +12,6 @@ day-of-week must both match. A failed invocation is logged; the schedule goes on
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -23,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from devkit._protos import protos
-from devkit._servicebus import UnresolvedSetting, resolve
+from devkit._servicebus import UnresolvedSetting, cancel_all, resolve
 
 log = logging.getLogger("devkit.host")
 
@@ -210,11 +209,7 @@ class TimerRunner:
         return True
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         self._tasks = []
 
 

@@ -38,6 +38,7 @@ from gateway._failover import Failover
 from gateway._records import Usage, UsageRecord, UsageSink
 from gateway._request import RESPONSE_ID, Call
 from gateway._settings import BackendConfig, Settings, is_deployment_name
+from gateway._sse import split_frames
 from gateway._timing import Timer
 
 log = logging.getLogger(__name__)
@@ -133,15 +134,8 @@ class ResponsesRelay:
         self._texts: list[bytes] = []
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._partial + chunk if self._partial else chunk
-        lf = data.rfind(b"\n\n")
-        crlf = data.rfind(b"\n\r\n")
-        cut = max(lf + 2 if lf >= 0 else -1, crlf + 3 if crlf >= 0 else -1)
-        if cut < 0:
-            self._partial = data
-            return b""
-        self._partial = data[cut:]
-        return self._complete(data[:cut])
+        frames, self._partial = split_frames(self._partial, chunk)
+        return self._complete(frames) if frames else b""
 
     def finish(self) -> bytes:
         rest, self._partial = self._partial, b""

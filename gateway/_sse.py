@@ -21,6 +21,19 @@ _TEXT = re.compile(rb'"(?:content|text|arguments|refusal|reasoning_content)"\s*:
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]+)"')
 
 
+def split_frames(partial: bytes, chunk: bytes) -> tuple[bytes, bytes]:
+    """``partial + chunk`` cut after its last complete frame (a blank line ends one): (frames, the rest)."""
+    data = partial + chunk if partial else chunk
+    lf = data.rfind(b"\n\n")
+    crlf = data.rfind(b"\n\r\n")
+    cut = max(lf + 2 if lf >= 0 else -1, crlf + 3 if crlf >= 0 else -1)
+    if cut < 0:
+        return b"", data
+    if cut == len(data):
+        return data, b""
+    return data[:cut], data[cut:]
+
+
 def _frame_payload(frame: bytes) -> Any:
     """The JSON of a frame's ``data:`` lines, or ``None``."""
     data = b"".join(
@@ -48,18 +61,8 @@ class StreamRelay:
 
     def feed(self, chunk: bytes) -> bytes:
         """Bytes for the client now: every complete frame so far, less a stripped usage frame."""
-        data = self._partial + chunk if self._partial else chunk
-        lf = data.rfind(b"\n\n")
-        crlf = data.rfind(b"\n\r\n")
-        cut = max(lf + 2 if lf >= 0 else -1, crlf + 3 if crlf >= 0 else -1)
-        if cut < 0:
-            self._partial = data
-            return b""
-        if cut == len(data):
-            self._partial = b""
-            return self._complete(data)
-        self._partial = data[cut:]
-        return self._complete(data[:cut])
+        frames, self._partial = split_frames(self._partial, chunk)
+        return self._complete(frames) if frames else b""
 
     def finish(self) -> bytes:
         """Whatever is left when the upstream ends (a last frame without its blank line)."""
