@@ -150,6 +150,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="streams per measured run")
     parser.add_argument("--chunks", type=int, default=50, help="content chunks per stream")
     parser.add_argument("--open-streams", type=int, default=500, help="streams held open to measure memory")
+    parser.add_argument("--export-interval-ms", type=int, default=0,
+                        help="telemetry mode: export metrics and spans this often (default: the exporters' own)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="gateway modes to run")
     args = parser.parse_args()
     python = sys.executable
@@ -176,8 +178,11 @@ def main() -> None:
                        Target("floor", f"http://127.0.0.1:{floor_port}", key, floor.pid, worker_of(floor.pid))]
             rows = measure(targets, args)
             memory = {}
-            telemetry = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
-                         "OTEL_METRIC_EXPORT_INTERVAL": "1000", "OTEL_BSP_SCHEDULE_DELAY": "1000"}
+            # the exporters' own intervals (metrics 60 s, spans 5 s) unless --export-interval-ms sets both
+            telemetry = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}"}
+            if args.export_interval_ms:
+                telemetry |= {"OTEL_METRIC_EXPORT_INTERVAL": str(args.export_interval_ms),
+                              "OTEL_BSP_SCHEDULE_DELAY": str(args.export_interval_ms)}
             for mode, extra in (("in-process usage", {}), ("in-process usage, telemetry", telemetry),
                                 ("Service Bus", {"ServiceBusConnection": broker.connection_string})):
                 if mode not in args.modes:
