@@ -38,7 +38,7 @@ from gateway._failover import Failover
 from gateway._records import Usage, UsageRecord, UsageSink
 from gateway._request import RESPONSE_ID, Call
 from gateway._settings import BackendConfig, Settings, is_deployment_name
-from gateway._sse import split_frames
+from gateway._sse import FrameRelay
 from gateway._timing import Timer
 
 log = logging.getLogger(__name__)
@@ -120,26 +120,18 @@ def stream_cut_event(sequence: int | None) -> bytes:
     return b"event: error\ndata: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
 
 
-class ResponsesRelay:
+class ResponsesRelay(FrameRelay):
     """Feeds upstream bytes in, gives the same bytes out by whole frames; remembers the response."""
 
-    __slots__ = ("_partial", "_texts", "final", "first", "recorded", "sequence")
+    __slots__ = ("_texts", "final", "first", "recorded", "sequence")
 
     def __init__(self) -> None:
+        super().__init__()
         self.first: StoredResponse | None = None  # from response.created (or queued / in_progress)
         self.final: StoredResponse | None = None  # from the terminal event
         self.sequence: int | None = None  # the last sequence_number passed on
         self.recorded = False  # where the response lives has been recorded
-        self._partial = b""
         self._texts: list[bytes] = []
-
-    def feed(self, chunk: bytes) -> bytes:
-        frames, self._partial = split_frames(self._partial, chunk)
-        return self._complete(frames) if frames else b""
-
-    def finish(self) -> bytes:
-        rest, self._partial = self._partial, b""
-        return self._complete(rest) if rest else b""
 
     def _complete(self, frames: bytes) -> bytes:
         if _AUDIO in frames:  # base64 audio is no text to count

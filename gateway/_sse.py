@@ -47,20 +47,16 @@ def _frame_payload(frame: bytes) -> Any:
         return None
 
 
-class StreamRelay:
-    """Feeds upstream bytes in, gives client bytes out; remembers usage, model and text."""
+class FrameRelay:
+    """Passes on whole SSE frames as they complete; what each kind of stream does with them is ``_complete``."""
 
-    __slots__ = ("_partial", "_texts", "model", "strip_usage", "usage")
+    __slots__ = ("_partial",)
 
-    def __init__(self, *, strip_usage: bool) -> None:
-        self.strip_usage = strip_usage
-        self.usage: Usage | None = None
-        self.model = ""
+    def __init__(self) -> None:
         self._partial = b""
-        self._texts: list[bytes] = []
 
     def feed(self, chunk: bytes) -> bytes:
-        """Bytes for the client now: every complete frame so far, less a stripped usage frame."""
+        """Bytes for the client now: every complete frame so far, as ``_complete`` passes them on."""
         frames, self._partial = split_frames(self._partial, chunk)
         return self._complete(frames) if frames else b""
 
@@ -68,6 +64,22 @@ class StreamRelay:
         """Whatever is left when the upstream ends (a last frame without its blank line)."""
         rest, self._partial = self._partial, b""
         return self._complete(rest) if rest else b""
+
+    def _complete(self, frames: bytes) -> bytes:
+        raise NotImplementedError
+
+
+class StreamRelay(FrameRelay):
+    """Feeds upstream bytes in, gives client bytes out; remembers usage, model and text."""
+
+    __slots__ = ("_texts", "model", "strip_usage", "usage")
+
+    def __init__(self, *, strip_usage: bool) -> None:
+        super().__init__()
+        self.strip_usage = strip_usage
+        self.usage: Usage | None = None
+        self.model = ""
+        self._texts: list[bytes] = []
 
     def _complete(self, frames: bytes) -> bytes:
         self._texts.extend(_TEXT.findall(frames))
