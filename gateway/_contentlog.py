@@ -213,11 +213,76 @@ def _single_choice(data: bytes) -> list[dict[str, Any]] | None:
              "finish_reason": None if reason is None else reason.decode()}]
 
 
+_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+def _output_choice(output: Any, status: Any) -> list[dict[str, Any]]:
+    """A Responses API ``output`` (its items) as one choice: text, refusal, function calls, status."""
+    choice: dict[str, Any] = {"content": None, "refusal": None, "tools": {}}
+    for position, item in enumerate(output if type(output) is list else []):
+        if type(item) is not dict:
+            continue
+        if item.get("type") == "function_call":
+            choice["tools"][position] = {"id": str(item.get("call_id") or item.get("id") or ""),
+                                         "name": str(item.get("name") or ""),
+                                         "arguments": str(item.get("arguments") or "")}
+        for part in item.get("content") or [] if item.get("type") == "message" else []:
+            if type(part) is dict:
+                _add_text(choice, "content", part.get("text") if part.get("type") == "output_text" else None)
+                _add_text(choice, "refusal", part.get("refusal") if part.get("type") == "refusal" else None)
+    return [{"index": 0, "content": None if choice["content"] is None else "".join(choice["content"]),
+             "tool_calls": [choice["tools"][k] for k in sorted(choice["tools"])],
+             "refusal": None if choice["refusal"] is None else "".join(choice["refusal"]),
+             "finish_reason": status if type(status) is str else None}]
+
+
+def _responses_stream(events: list[Any]) -> list[dict[str, Any]]:
+    """What a Responses stream gave the client: the terminal event's whole output, or (cut, abandoned)
+    the items and deltas seen so far."""
+    items: dict[int, dict[str, Any]] = {}
+    status: Any = None
+    for event in events:
+        if type(event) is not dict:
+            continue
+        kind = event.get("type")
+        if kind in _TERMINAL and type(event.get("response")) is dict:
+            return _output_choice(event["response"].get("output"), event["response"].get("status"))
+        index = event.get("output_index")
+        if kind == "response.output_item.added" and type(index) is int and type(event.get("item")) is dict:
+            item = dict(event["item"])
+            if item.get("type") == "message":
+                item["content"] = [{"type": "output_text", "text": ""}, {"type": "refusal", "refusal": ""}]
+            items[index] = item
+        elif type(index) is int and index in items and type(event.get("delta")) is str:
+            item = items[index]
+            if kind == "response.output_text.delta" and item.get("type") == "message":
+                item["content"][0]["text"] += event["delta"]
+            elif kind == "response.refusal.delta" and item.get("type") == "message":
+                item["content"][1]["refusal"] += event["delta"]
+            elif kind == "response.function_call_arguments.delta":
+                item["arguments"] = str(item.get("arguments") or "") + event["delta"]
+        elif kind in ("response.created", "response.in_progress") and type(event.get("response")) is dict:
+            status = event["response"].get("status")
+    for item in items.values():  # empty parts were never sent
+        if item.get("type") == "message":
+            item["content"] = [p for p in item["content"] if p.get("text") or p.get("refusal")]
+    return _output_choice([items[k] for k in sorted(items)], status) if items else []
+
+
 def assemble(item: Pending) -> list[dict[str, Any]]:
-    """The choices the client received: from the SSE frames, or from the whole body."""
+    """The choices the client received: from the SSE frames, or from the whole body (a Responses API call:
+    its output items, as one choice)."""
     if not item.received:
         return []
     data = b"".join(item.received)
+    if item.call.operation.startswith("responses"):
+        if item.streamed:
+            return _responses_stream(_payloads(data))
+        try:
+            document = json.loads(data)
+        except ValueError:
+            return []
+        return _output_choice(document.get("output"), document.get("status")) if type(document) is dict else []
     if item.streamed:
         single = _single_choice(data)
         return single if single is not None else _choices(_payloads(data), streamed=True)

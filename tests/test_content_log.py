@@ -313,3 +313,19 @@ def test_key_commands_and_reading_records_back(logged: Gateway, storage: str, tm
     assert "Say hello → Hello from the simulated" in today.stdout and ids[0] in today.stdout
     missing = run(["-m", "usage", "content", "--key", name], {**env, "CONTENT_LOG": ""})
     assert missing.returncode == 2 and "CONTENT_LOG" in missing.stderr
+
+
+def test_responses_api_calls_are_recorded_the_same_way(logged: Gateway, storage: str) -> None:
+    """A Responses API call, streamed or not, is recorded with its input and the text the client received."""
+    name, key = opted_in(logged)
+    v1 = openai.OpenAI(base_url=logged.url + "/openai/v1/", api_key=key, max_retries=0)
+    streamed = "".join(e.delta for e in v1.responses.create(model="gpt-4o", input="Say hello", stream=True)
+                       if e.type == "response.output_text.delta")
+    plain = v1.responses.create(model="gpt-4o", input="Say hello again").output_text
+    found = records(storage, name, count=2)
+    by_input = {r["request"]["input"]: r for r in found}
+    assert {r["operation"] for r in found} == {"responses"}
+    for text, prompt in ((streamed, "Say hello"), (plain, "Say hello again")):
+        [choice] = by_input[prompt]["choices"]
+        assert text and choice["content"] == text and choice["finish_reason"] == "completed"
+        assert by_input[prompt]["usage"]["completion_tokens"] > 0

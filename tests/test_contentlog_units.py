@@ -246,3 +246,22 @@ def test_compact_and_spaced_streams_give_the_same_choice(separators: tuple[str, 
     frames.append(b"data: [DONE]\n\n")
     assert assemble(pending(frames)) == [{"index": 0, "content": "".join(words), "tool_calls": [], "refusal": None,
                                           "finish_reason": "stop"}]
+
+
+def test_a_cut_responses_stream_records_what_was_sent() -> None:
+    """Without a terminal event, the text and function-call arguments sent so far make the choice."""
+    from gateway._contentlog import _responses_stream
+
+    events = [
+        {"type": "response.created", "response": {"status": "in_progress"}},
+        {"type": "response.output_item.added", "output_index": 0, "item": {"type": "message", "content": []}},
+        {"type": "response.output_text.delta", "output_index": 0, "delta": "Hel"},
+        {"type": "response.output_text.delta", "output_index": 0, "delta": "lo"},
+        {"type": "response.output_item.added", "output_index": 1,
+         "item": {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": ""}},
+        {"type": "response.function_call_arguments.delta", "output_index": 1, "delta": '{"city":'},
+    ]
+    assert _responses_stream(events) == [{"index": 0, "content": "Hello", "refusal": None,
+                                          "tool_calls": [{"id": "call_1", "name": "get_weather",
+                                                          "arguments": '{"city":'}],
+                                          "finish_reason": "in_progress"}]
