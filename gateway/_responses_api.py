@@ -123,7 +123,7 @@ def stream_cut_event(sequence: int | None) -> bytes:
 class ResponsesRelay(FrameRelay):
     """Feeds upstream bytes in, gives the same bytes out by whole frames; remembers the response."""
 
-    __slots__ = ("_texts", "final", "first", "recorded", "sequence")
+    __slots__ = ("final", "first", "recorded", "sequence")
 
     def __init__(self) -> None:
         super().__init__()
@@ -131,7 +131,6 @@ class ResponsesRelay(FrameRelay):
         self.final: StoredResponse | None = None  # from the terminal event
         self.sequence: int | None = None  # the last sequence_number passed on
         self.recorded = False  # where the response lives has been recorded
-        self._texts: list[bytes] = []
 
     def _complete(self, frames: bytes) -> bytes:
         if _AUDIO in frames:  # base64 audio is no text to count
@@ -167,14 +166,6 @@ class ResponsesRelay(FrameRelay):
         response = self.response
         return response.model if response is not None else ""
 
-    def completion_text(self) -> str:
-        parts = []
-        for raw in self._texts:
-            try:
-                parts.append(json.loads(b'"' + raw + b'"'))
-            except ValueError:
-                parts.append(raw.decode(errors="replace"))
-        return "".join(parts)
 
 
 # -- stored responses -----------------------------------------------------------------------------

@@ -50,10 +50,11 @@ def _frame_payload(frame: bytes) -> Any:
 class FrameRelay:
     """Passes on whole SSE frames as they complete; what each kind of stream does with them is ``_complete``."""
 
-    __slots__ = ("_partial",)
+    __slots__ = ("_partial", "_texts")
 
     def __init__(self) -> None:
         self._partial = b""
+        self._texts: list[bytes] = []  # the generated text as its raw JSON-escaped strings, for estimates
 
     def feed(self, chunk: bytes) -> bytes:
         """Bytes for the client now: every complete frame so far, as ``_complete`` passes them on."""
@@ -68,18 +69,27 @@ class FrameRelay:
     def _complete(self, frames: bytes) -> bytes:
         raise NotImplementedError
 
+    def completion_text(self) -> str:
+        """The generated text seen so far (content, tool arguments, refusals)."""
+        parts = []
+        for raw in self._texts:
+            try:
+                parts.append(json.loads(b'"' + raw + b'"'))
+            except ValueError:
+                parts.append(raw.decode(errors="replace"))
+        return "".join(parts)
+
 
 class StreamRelay(FrameRelay):
     """Feeds upstream bytes in, gives client bytes out; remembers usage, model and text."""
 
-    __slots__ = ("_texts", "model", "strip_usage", "usage")
+    __slots__ = ("model", "strip_usage", "usage")
 
     def __init__(self, *, strip_usage: bool) -> None:
         super().__init__()
         self.strip_usage = strip_usage
         self.usage: Usage | None = None
         self.model = ""
-        self._texts: list[bytes] = []
 
     def _complete(self, frames: bytes) -> bytes:
         self._texts.extend(_TEXT.findall(frames))
@@ -109,12 +119,3 @@ class StreamRelay(FrameRelay):
         kept.append(frames[start:])
         return b"".join(kept)
 
-    def completion_text(self) -> str:
-        """The generated text seen so far (content, tool arguments, refusals)."""
-        parts = []
-        for raw in self._texts:
-            try:
-                parts.append(json.loads(b'"' + raw + b'"'))
-            except ValueError:
-                parts.append(raw.decode(errors="replace"))
-        return "".join(parts)
