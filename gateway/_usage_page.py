@@ -1,0 +1,238 @@
+"""The teams' usage page: ``GET /usage`` (one self-contained HTML page), ``/usage/data`` and ``/usage/statement.csv``.
+
+The page asks for the team's own subscription key, keeps it in the browser's session storage and sends it as
+the ``api-key`` header, authenticated exactly as a proxied call (``KeyCache``). A key sees its own name's
+usage only: the key's name is the usage table's partition, so no other key's row is ever read. Nothing here
+is an AOAI call: no usage event, no quota. The page loads nothing from anywhere else (a strict
+Content-Security-Policy says so to the browser too): its script and style are inline, its charts SVG.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import hashlib
+import json
+import re
+from datetime import UTC, date, datetime, timedelta
+from importlib import resources
+from typing import Any
+
+from azure.core.exceptions import ResourceNotFoundError
+from azure.data.tables import EntityProperty
+from azure.data.tables.aio import TableServiceClient
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from gateway._auth import key_from_headers
+from gateway._exceptions import BadRequest, RequestError, SettingsError, retry_after_headers
+from gateway._responses import buffered, error_response
+from gateway._runtime import GatewayRuntime
+from usage import STORAGE_ERRORS, KeyRecord
+from usage._report import FIELDS, DayUsage, group, read_days, render
+from usage._schema import USAGE_TABLE, partition_key, period_start
+
+#: the page's file, in this package
+PAGE_RESOURCE = "static/usage.html"
+#: a month as the query gives it; years outside [MIN_YEAR, this year + 1] are refused as absurd
+MONTH = re.compile(r"([0-9]{4})-([0-9]{2})")
+MIN_YEAR = 2000
+#: how long the page's table reads may take before the answer is a 503
+READ_TIMEOUT_SECONDS = 10.0
+RETRY_AFTER_SECONDS = 5.0
+#: the usage table column each kind of limit counts, by the limit's name (``<unit>_per_<window>``)
+_USED_COLUMN = {"tokens": "TotalTokens", "requests": "Requests"}
+_WINDOWS = ("minute", "day", "month")
+_SECURITY_HEADERS = {
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "x-frame-options": "DENY",
+    "cache-control": "no-store",
+}
+
+
+def _hashes(html: str, tag: str) -> list[str]:
+    """CSP source expressions for each inline ``<tag>`` element's text (the page has no other script or style)."""
+    bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.DOTALL)
+    return [f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'" for body in bodies]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Page:
+    body: bytes
+    policy: str
+
+
+def _load_page() -> _Page:
+    html = resources.files("gateway").joinpath(PAGE_RESOURCE).read_text(encoding="utf-8")
+    policy = "; ".join([
+        "default-src 'none'",
+        "script-src " + " ".join(_hashes(html, "script")),
+        "style-src " + " ".join(_hashes(html, "style")),
+        "connect-src 'self'",
+        "img-src data:",
+        "base-uri 'none'",
+        "form-action 'none'",
+        "frame-ancestors 'none'",
+    ])
+    return _Page(html.encode(), policy)
+
+
+class UsagePage:
+    """The page and its two data endpoints, over the gateway runtime's key cache and Table client.
+
+    The page's file is read on its first request (never at import) and kept.
+    """
+
+    def __init__(self, runtime: GatewayRuntime) -> None:
+        self._runtime = runtime
+        self._page: _Page | None = None
+
+    async def page(self, request: Request) -> StreamingResponse:
+        """``GET /usage``: the HTML page, which touches no key or table until the team gives its key."""
+        if self._page is None:
+            self._page = _load_page()
+        headers = {**_SECURITY_HEADERS, "content-type": "text/html; charset=utf-8",
+                   "content-security-policy": self._page.policy}
+        return buffered(200, self._page.body, headers)
+
+    async def data(self, request: Request) -> StreamingResponse:
+        """``GET /usage/data?month=YYYY-MM``: the key's name, its day rows per deployment and its limits' state."""
+        try:
+            record, tables, now = await self._authenticate(request)
+            month = requested_month(request, now)
+            async with asyncio.timeout(READ_TIMEOUT_SECONDS):
+                days = await read_days(tables, since=month, until=_month_end(month), key=record.name)
+                used = await _used_now(tables, record.name, now)
+        except RequestError as exc:
+            return error_response(exc)
+        except STORAGE_ERRORS as exc:
+            return error_response(_unavailable(exc))
+        document = {
+            "key": record.name,
+            "month": f"{month:%Y-%m}",
+            "days": [_day_row(row) for row in sorted(days, key=lambda r: (r.day, r.deployment))],
+            "deployments": group(days, "deployment"),
+            "totals": _totals(days),
+            "quota": _limits_state(record, used, now),
+            "as_of": now.isoformat(timespec="seconds"),
+        }
+        body = json.dumps(document, default=str).encode()
+        return buffered(200, body, {**_SECURITY_HEADERS, "content-type": "application/json"})
+
+    async def statement(self, request: Request) -> StreamingResponse:
+        """``GET /usage/statement.csv?month=YYYY-MM``: the key's statement for the month, as CSV."""
+        try:
+            record, tables, now = await self._authenticate(request)
+            month = requested_month(request, now)
+            async with asyncio.timeout(READ_TIMEOUT_SECONDS):
+                days = await read_days(tables, since=month, until=_month_end(month), key=record.name)
+        except RequestError as exc:
+            return error_response(exc)
+        except STORAGE_ERRORS as exc:
+            return error_response(_unavailable(exc))
+        text = render(group(days, "deployment"), "deployment", "csv")
+        headers = {**_SECURITY_HEADERS, "content-type": "text/csv; charset=utf-8",
+                   "content-disposition": f'attachment; filename="usage-{record.name}-{month:%Y-%m}.csv"'}
+        return buffered(200, (text + "\n").encode(), headers)
+
+    async def _authenticate(self, request: Request) -> tuple[KeyRecord, TableServiceClient, datetime]:
+        """The request key's record, the Table client and the time now; ``RequestError`` when the key is not good."""
+        try:
+            await self._runtime.proxy()
+        except SettingsError as exc:
+            raise RequestError(f"The gateway is misconfigured: {exc}", status=500,
+                               code="GatewayMisconfigured") from exc
+        keys, tables = self._runtime.keys, self._runtime.tables
+        if keys is None or tables is None:  # closed meanwhile (shutting down)
+            raise RequestError("The gateway is shutting down; please retry.", status=503, code="ServiceUnavailable",
+                               headers=retry_after_headers(RETRY_AFTER_SECONDS))
+        record = await keys.authenticate(key_from_headers(request.headers))
+        return record, tables, datetime.fromtimestamp(self._runtime.wall_clock(), UTC)
+
+
+def _unavailable(exc: BaseException) -> RequestError:
+    return RequestError(f"Usage could not be read from Table Storage in time ({type(exc).__name__}); please retry.",
+                        status=503, code="ServiceUnavailable", headers=retry_after_headers(RETRY_AFTER_SECONDS))
+
+
+def requested_month(request: Request, now: datetime) -> date:
+    """The first day of the query's ``month`` (this UTC month when absent); ``BadRequest`` for anything else."""
+    values = request.query_params.getlist("month")
+    if not values:
+        return now.date().replace(day=1)
+    if len(values) > 1:
+        raise BadRequest("Give the month once: month=YYYY-MM.", code="InvalidMonth")
+    match = MONTH.fullmatch(values[0])
+    if match is None:
+        raise BadRequest("The month must be given as month=YYYY-MM, e.g. month=2026-11.", code="InvalidMonth")
+    year, month = int(match.group(1)), int(match.group(2))
+    if not 1 <= month <= 12:
+        raise BadRequest("The month must be between 01 and 12.", code="InvalidMonth")
+    if not MIN_YEAR <= year <= now.year + 1:
+        raise BadRequest(f"The year must be between {MIN_YEAR} and {now.year + 1}.", code="InvalidMonth")
+    return date(year, month, 1)
+
+
+def _month_end(first: date) -> date:
+    return (first + timedelta(days=32)).replace(day=1) - timedelta(days=1)
+
+
+def _day_row(row: DayUsage) -> dict[str, Any]:
+    return {"day": row.day.isoformat(), "deployment": row.deployment, **dict(zip(FIELDS, row.counts, strict=True))}
+
+
+def _totals(rows: list[DayUsage]) -> dict[str, Any]:
+    sums = [0] * len(FIELDS)
+    for row in rows:
+        for i, value in enumerate(row.counts):
+            sums[i] += value
+    return dict(zip(FIELDS, sums, strict=True))
+
+
+async def _used_now(tables: TableServiceClient, name: str, now: datetime) -> dict[str, dict[str, int]]:
+    """Per window (this minute, day and month, UTC), the key's counters over all deployments, as aggregated."""
+    terms, parameters = [], {"pk": partition_key(name, now)}
+    for window in _WINDOWS:
+        parameters[f"{window}_lo"] = f"{window}|{period_start(window, now)}|"
+        parameters[f"{window}_hi"] = f"{window}|{period_start(window, now)}|~"
+        terms.append(f"(RowKey ge @{window}_lo and RowKey lt @{window}_hi)")
+    used: dict[str, dict[str, int]] = {window: {} for window in _WINDOWS}
+    table = tables.get_table_client(USAGE_TABLE)
+    try:
+        async for entity in table.query_entities(f"PartitionKey eq @pk and ({' or '.join(terms)})",
+                                                 parameters=parameters):
+            sums = used[str(entity["RowKey"]).split("|", 1)[0]]
+            for column, value in entity.items():
+                number = value.value if isinstance(value, EntityProperty) else value
+                if isinstance(number, int) and not isinstance(number, bool):
+                    sums[column] = sums.get(column, 0) + number
+    except ResourceNotFoundError:  # no usage table yet: nothing used
+        pass
+    return used
+
+
+def _limits_state(record: KeyRecord, used: dict[str, dict[str, int]], now: datetime) -> dict[str, Any]:
+    """Every field of the key's ``Limits``, whatever they are: ``limit`` (``None``: not set), and for a
+    ``<unit>_per_<window>`` limit whose unit the usage table counts, ``used`` in the current window and when it
+    ``resets``."""
+    state: dict[str, Any] = {}
+    for field in dataclasses.fields(record.limits):
+        limit = getattr(record.limits, field.name)
+        unit, _, window = field.name.partition("_per_")
+        entry: dict[str, Any] = {"limit": limit, "window": window or None}
+        column = _USED_COLUMN.get(unit)
+        if window in used and column is not None:
+            entry["used"] = used[window].get(column, 0)
+            entry["resets"] = _window_end(window, now).isoformat(timespec="seconds")
+        state[field.name] = entry
+    return state
+
+
+def _window_end(window: str, now: datetime) -> datetime:
+    if window == "minute":
+        return now.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    if window == "day":
+        return now.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
+    return datetime.combine(_month_end(now.date()) + timedelta(days=1), datetime.min.time(), UTC)
