@@ -14,7 +14,9 @@ import base64
 import dataclasses
 import hashlib
 import json
+import logging
 import re
+from collections.abc import Awaitable
 from datetime import UTC, date, datetime, timedelta
 from importlib import resources
 from typing import Any
@@ -32,6 +34,8 @@ from gateway._runtime import GatewayRuntime
 from usage import STORAGE_ERRORS, KeyRecord
 from usage._report import FIELDS, DayUsage, group, read_days, render
 from usage._schema import USAGE_TABLE, partition_key, period_start
+
+log = logging.getLogger(__name__)
 
 #: the page's file, in this package
 PAGE_RESOURCE = "static/usage.html"
@@ -99,16 +103,18 @@ class UsagePage:
 
     async def data(self, request: Request) -> StreamingResponse:
         """``GET /usage/data?month=YYYY-MM``: the key's name, its day rows per deployment and its limits' state."""
-        try:
-            record, tables, now = await self._authenticate(request)
-            month = requested_month(request, now)
-            async with asyncio.timeout(READ_TIMEOUT_SECONDS):
-                days = await read_days(tables, since=month, until=_month_end(month), key=record.name)
-                used = await _used_now(tables, record.name, now)
-        except RequestError as exc:
-            return error_response(exc)
-        except STORAGE_ERRORS as exc:
-            return error_response(_unavailable(exc))
+        return await _answered(self._data(request))
+
+    async def statement(self, request: Request) -> StreamingResponse:
+        """``GET /usage/statement.csv?month=YYYY-MM``: the key's statement for the month, as CSV."""
+        return await _answered(self._statement(request))
+
+    async def _data(self, request: Request) -> StreamingResponse:
+        record, tables, now = await self._authenticate(request)
+        month = requested_month(request, now)
+        async with asyncio.timeout(READ_TIMEOUT_SECONDS):
+            days = await read_days(tables, since=month, until=_month_end(month), key=record.name)
+            used = await _used_now(tables, record.name, now)
         document = {
             "key": record.name,
             "month": f"{month:%Y-%m}",
@@ -121,17 +127,11 @@ class UsagePage:
         body = json.dumps(document, default=str).encode()
         return buffered(200, body, {**_SECURITY_HEADERS, "content-type": "application/json"})
 
-    async def statement(self, request: Request) -> StreamingResponse:
-        """``GET /usage/statement.csv?month=YYYY-MM``: the key's statement for the month, as CSV."""
-        try:
-            record, tables, now = await self._authenticate(request)
-            month = requested_month(request, now)
-            async with asyncio.timeout(READ_TIMEOUT_SECONDS):
-                days = await read_days(tables, since=month, until=_month_end(month), key=record.name)
-        except RequestError as exc:
-            return error_response(exc)
-        except STORAGE_ERRORS as exc:
-            return error_response(_unavailable(exc))
+    async def _statement(self, request: Request) -> StreamingResponse:
+        record, tables, now = await self._authenticate(request)
+        month = requested_month(request, now)
+        async with asyncio.timeout(READ_TIMEOUT_SECONDS):
+            days = await read_days(tables, since=month, until=_month_end(month), key=record.name)
         text = render(group(days, "deployment"), "deployment", "csv")
         headers = {**_SECURITY_HEADERS, "content-type": "text/csv; charset=utf-8",
                    "content-disposition": f'attachment; filename="usage-{record.name}-{month:%Y-%m}.csv"'}
@@ -152,9 +152,21 @@ class UsagePage:
         return record, tables, datetime.fromtimestamp(self._runtime.wall_clock(), UTC)
 
 
-def _unavailable(exc: BaseException) -> RequestError:
-    return RequestError(f"Usage could not be read from Table Storage in time ({type(exc).__name__}); please retry.",
-                        status=503, code="ServiceUnavailable", headers=retry_after_headers(RETRY_AFTER_SECONDS))
+async def _answered(answer: Awaitable[StreamingResponse]) -> StreamingResponse:
+    """``answer``, or the AOAI-shaped error that stands for what went wrong (never a traceback)."""
+    try:
+        return await answer
+    except RequestError as exc:
+        return error_response(exc)
+    except STORAGE_ERRORS as exc:
+        log.warning("usage page: Table Storage failed: %s", type(exc).__name__)
+        return error_response(RequestError(
+            "Usage could not be read from Table Storage in time; please retry.", status=503,
+            code="ServiceUnavailable", headers=retry_after_headers(RETRY_AFTER_SECONDS)))
+    except Exception:  # a bug of ours: the client gets a plain 500, the log gets the traceback
+        log.exception("usage page failed inside the gateway")
+        return error_response(RequestError("The gateway failed to answer; it has been logged.", status=500,
+                                           code="InternalServerError"))
 
 
 def requested_month(request: Request, now: datetime) -> date:
@@ -175,8 +187,9 @@ def requested_month(request: Request, now: datetime) -> date:
     return date(year, month, 1)
 
 
-def _month_end(first: date) -> date:
-    return (first + timedelta(days=32)).replace(day=1) - timedelta(days=1)
+def _month_end(day: date) -> date:
+    """The last day of ``day``'s month."""
+    return (day.replace(day=1) + timedelta(days=32)).replace(day=1) - timedelta(days=1)
 
 
 def _day_row(row: DayUsage) -> dict[str, Any]:
@@ -197,11 +210,11 @@ async def _used_now(tables: TableServiceClient, name: str, now: datetime) -> dic
     for window in _WINDOWS:
         parameters[f"{window}_lo"] = f"{window}|{period_start(window, now)}|"
         parameters[f"{window}_hi"] = f"{window}|{period_start(window, now)}|~"
-        terms.append(f"(RowKey ge @{window}_lo and RowKey lt @{window}_hi)")
+        terms.append(f"( RowKey ge @{window}_lo and RowKey lt @{window}_hi )")  # the SDK needs the spaces
     used: dict[str, dict[str, int]] = {window: {} for window in _WINDOWS}
     table = tables.get_table_client(USAGE_TABLE)
     try:
-        async for entity in table.query_entities(f"PartitionKey eq @pk and ({' or '.join(terms)})",
+        async for entity in table.query_entities(f"PartitionKey eq @pk and ( {' or '.join(terms)} )",
                                                  parameters=parameters):
             sums = used[str(entity["RowKey"]).split("|", 1)[0]]
             for column, value in entity.items():
@@ -231,8 +244,9 @@ def _limits_state(record: KeyRecord, used: dict[str, dict[str, int]], now: datet
 
 
 def _window_end(window: str, now: datetime) -> datetime:
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
     if window == "minute":
         return now.replace(second=0, microsecond=0) + timedelta(minutes=1)
     if window == "day":
-        return now.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
-    return datetime.combine(_month_end(now.date()) + timedelta(days=1), datetime.min.time(), UTC)
+        return day + timedelta(days=1)
+    return (day.replace(day=1) + timedelta(days=32)).replace(day=1)

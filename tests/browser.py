@@ -78,10 +78,10 @@ class Tab:
         await self.send("Input.insertText", {"text": text})
 
     async def click(self, selector: str) -> None:
-        """A real mouse click in the middle of the element."""
+        """A real mouse click in the middle of the element (scrolled into view first)."""
         box = await self.evaluate(
-            f"(() => {{ const r = document.querySelector({selector!r}).getBoundingClientRect();"
-            " return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+            f"(() => {{ const e = document.querySelector({selector!r}); e.scrollIntoView({{block: 'center'}});"
+            " const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
         x, y = box
         for kind in ("mousePressed", "mouseReleased"):
             await self.send("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y, "button": "left",

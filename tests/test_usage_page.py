@@ -1,0 +1,266 @@
+"""The teams' usage page: /usage in a real headless Chromium, and /usage/data and /usage/statement.csv over HTTP.
+
+Usage is made through the ``openai`` SDK against the running gateway (counted in process into Azurite), and the
+previous month's through the aggregator; a second team's usage is there too and must never show.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import os
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import openai
+import pytest
+
+from tests.browser import Tab, chromium, decode_png
+from tests.harness import Gateway, eventually, http
+from usage import open_table_service
+from usage._aggregate import Aggregator
+from usage._keys import Limits
+
+API_VERSION = "2024-10-21"
+#: the page's first chart colour (its first deployment's bars), as RGB
+CHART_BLUE = (0x25, 0x63, 0xEB)
+#: set to a path to keep the browser test's screenshot there (the README's docs/usage-page.png is made so)
+SCREENSHOT_SETTING = "USAGE_PAGE_SCREENSHOT"
+
+
+def months(now: datetime) -> tuple[str, str]:
+    """This UTC month and the one before, as YYYY-MM."""
+    first = now.replace(day=1)
+    return f"{first:%Y-%m}", f"{first - timedelta(days=1):%Y-%m}"
+
+
+def event(key: str, deployment: str, when: datetime, prompt: int, completion: int) -> bytes:
+    return json.dumps({
+        "schema": 1, "event_id": uuid.uuid4().hex, "time": when.isoformat(), "key_name": key,
+        "deployment": deployment, "model": "gpt-4o-2024-08-06", "backend": "eastus",
+        "operation": "chat/completions", "streaming": False, "prompt_tokens": prompt, "completion_tokens": completion,
+        "total_tokens": prompt + completion, "cached_tokens": 0, "reasoning_tokens": 0,
+        "usage_source": "reported", "status": 200, "latency_ms": 100.0, "ttfb_ms": 10.0, "outcome": "complete",
+    }).encode()
+
+
+def aggregate(gateway: Gateway, bodies: list[bytes]) -> None:
+    """Count ``bodies`` into the gateway's usage table, as the queue-triggered aggregator would."""
+
+    async def run() -> None:
+        async with open_table_service(gateway.settings.storage) as service:
+            result = await Aggregator(service).aggregate(bodies)
+            assert result.counted == len(bodies)
+
+    gateway.loop.run(run())
+
+
+def data(gateway: Gateway, key: str | None, query: str = "") -> Any:
+    headers = {} if key is None else {"api-key": key}
+    return http("GET", f"{gateway.url}/usage/data{query}", headers=headers)
+
+
+def chat(gateway: Gateway, key: str, deployment: str, text: str, *, stream: bool = False) -> None:
+    client = openai.AzureOpenAI(azure_endpoint=gateway.url, api_key=key, api_version=API_VERSION, max_retries=0)
+    if stream:
+        chunks = list(client.chat.completions.create(model=deployment, stream=True,
+                                                     messages=[{"role": "user", "content": text}]))
+        assert chunks
+    else:
+        assert client.chat.completions.create(model=deployment, messages=[{"role": "user", "content": text}]).usage
+
+
+class Teams:
+    """Two teams with usage this month (through the SDK) and last month (aggregated), as the page's tests see it."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        suffix = uuid.uuid4().hex[:8]
+        self.name, self.other_name = f"page-team-{suffix}", f"page-other-{suffix}"
+        self.key = gateway.create_key(self.name, Limits(tokens_per_minute=100_000, tokens_per_month=5_000_000))
+        self.other_key = gateway.create_key(self.other_name)
+        now = datetime.now(UTC)
+        self.month, self.previous = months(now)
+        chat(gateway, self.key, "gpt-4o", "Summarise the quarterly numbers, please.")
+        chat(gateway, self.key, "gpt-4o", "And the outlook?", stream=True)
+        chat(gateway, self.key, "gpt-4o-mini", "Translate 'hello' into French.")
+        chat(gateway, self.other_key, "other-secret-model", "Nothing of this may show on the first team's page.")
+        records = gateway.sink.wait(4)
+        mine = [r for r in records if r.key_name == self.name]
+        self.tokens = {d: sum(r.total_tokens for r in mine if r.deployment == d) for d in ("gpt-4o", "gpt-4o-mini")}
+        assert all(self.tokens.values())
+        last = datetime.strptime(self.previous, "%Y-%m").replace(day=12, hour=9, tzinfo=UTC)
+        aggregate(gateway, [
+            event(self.name, "gpt-4o", last, 1200, 800),
+            event(self.name, "gpt-4o", last + timedelta(days=3), 600, 400),
+            event(self.name, "gpt-4o-mini", last + timedelta(days=5), 300, 200),
+            event(self.other_name, "other-secret-model", last, 9000, 9000),
+        ])
+        self.previous_tokens = {"gpt-4o": 3000, "gpt-4o-mini": 500}
+        # the local run counts in process after a short linger: wait until this month's usage is in the table
+        eventually(lambda: data(gateway, self.key).json()["totals"]["requests"] == 3,
+                   message=lambda: data(gateway, self.key).text)
+
+
+@pytest.fixture
+def teams(gateway: Gateway) -> Teams:
+    return Teams(gateway)
+
+
+def test_data_is_the_keys_own_usage_by_day_and_deployment(gateway: Gateway, teams: Teams) -> None:
+    """/usage/data answers the key's name (never the key), this month's day rows per deployment, and its quota state;
+    the other team's usage is in the same table and never shows. Reading it is no AOAI call: no usage event."""
+    events_before = len(gateway.sink.records)
+    answer = data(gateway, teams.key)
+    assert answer.status == 200 and answer.headers["content-type"] == "application/json"
+    assert teams.key not in answer.text and teams.other_name not in answer.text
+    assert "other-secret-model" not in answer.text
+    document = answer.json()
+    assert document["key"] == teams.name and document["month"] == teams.month
+    today = datetime.now(UTC).date().isoformat()
+    by_deployment = {row["deployment"]: row for row in document["days"]}
+    assert set(by_deployment) == {"gpt-4o", "gpt-4o-mini"}
+    assert {d: row["total_tokens"] for d, row in by_deployment.items()} == teams.tokens
+    assert {row["day"] for row in document["days"]} == {today}
+    assert by_deployment["gpt-4o"]["requests"] == 2
+    assert document["totals"]["total_tokens"] == sum(teams.tokens.values())
+    quota = document["quota"]
+    assert quota["tokens_per_minute"]["limit"] == 100_000
+    assert quota["tokens_per_month"] == {"limit": 5_000_000, "window": "month", "used": sum(teams.tokens.values()),
+                                         "resets": quota["tokens_per_month"]["resets"]}
+    assert quota["tokens_per_day"]["limit"] is None
+
+    previous = data(gateway, teams.key, f"?month={teams.previous}").json()
+    assert previous["month"] == teams.previous and previous["key"] == teams.name
+    assert {row["deployment"]: row["total_tokens"] for row in previous["deployments"]} == teams.previous_tokens
+    assert len(previous["days"]) == 3
+
+    other = data(gateway, teams.other_key, f"?month={teams.previous}").json()
+    assert other["key"] == teams.other_name
+    assert [row["deployment"] for row in other["deployments"]] == ["other-secret-model"]
+    assert len(gateway.sink.records) == events_before  # no usage event for the page's calls
+
+
+def test_statement_csv_is_an_attachment_of_the_keys_own_month(gateway: Gateway, teams: Teams) -> None:
+    answer = http("GET", f"{gateway.url}/usage/statement.csv?month={teams.previous}", headers={"api-key": teams.key})
+    assert answer.status == 200
+    assert answer.headers["content-type"].startswith("text/csv")
+    assert answer.headers["content-disposition"].startswith("attachment;")
+    assert teams.key not in answer.text and "other-secret-model" not in answer.text
+    rows = list(csv.DictReader(io.StringIO(answer.text)))
+    assert {row["deployment"]: int(row["total_tokens"]) for row in rows} == teams.previous_tokens
+    current = http("GET", f"{gateway.url}/usage/statement.csv", headers={"api-key": teams.key})
+    assert {row["deployment"]: int(row["total_tokens"])
+            for row in csv.DictReader(io.StringIO(current.text))} == teams.tokens
+
+
+@pytest.mark.parametrize("path", ["/usage/data", "/usage/statement.csv"])
+def test_a_missing_or_wrong_key_gets_401(gateway: Gateway, path: str) -> None:
+    for headers in ({}, {"api-key": "gw-not-a-key"}, {"authorization": "Bearer nope"}):
+        answer = http("GET", gateway.url + path, headers=headers)
+        assert answer.status == 401, (headers, answer.text)
+        assert set(answer.json()["error"]) == {"code", "message"}
+
+
+BAD_MONTHS = (
+    "?month=2026-13", "?month=2026-00", "?month=26-11", "?month=2026-1", "?month=202611", "?month=",
+    "?month=1999-12", "?month=0000-01", "?month=9999-01", "?month=2026-11-01",
+    "?month=" + quote("2026-11' or PartitionKey ne '"), "?month=" + quote("2026-11|other"),
+    "?month=" + quote("2026-11\n"), "?month=%EF%BC%92026-11", "?month=2026-11&month=2026-10",
+)
+
+
+def test_a_bad_month_gets_400(gateway: Gateway) -> None:
+    """Not YYYY-MM, an absurd year, an injection attempt or a month given twice: a 400 that says so."""
+    for query in BAD_MONTHS:
+        for path in ("/usage/data", "/usage/statement.csv"):
+            answer = http("GET", gateway.url + path + query, headers={"api-key": gateway.key})
+            assert answer.status == 400, (query, answer.text)
+            assert answer.json()["error"]["code"] == "InvalidMonth"
+            assert answer.json()["error"]["message"]
+
+
+def test_the_page_is_self_contained(gateway: Gateway) -> None:
+    """One HTML document: a key input and a button, inline script and style only allowed by a strict CSP;
+    the page's paths take GET only (405), and the catch-all still answers 404 next to them."""
+    answer = http("GET", gateway.url + "/usage")
+    assert answer.status == 200 and answer.headers["content-type"].startswith("text/html")
+    policy = answer.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy and "unsafe" not in policy
+    assert '<input id="api-key" name="api-key"' in answer.text and "<button" in answer.text
+    assert "http://" not in answer.text.replace("http://www.w3.org/2000/svg", "") and "https://" not in answer.text
+    for path in ("/usage", "/usage/data", "/usage/statement.csv"):
+        assert http("POST", gateway.url + path, body=b"{}").status == 405
+    assert http("GET", gateway.url + "/usage/other").status == 404
+
+
+async def _look_at_the_page(tab: Tab, gateway: Gateway, teams: Teams, downloads: Path) -> bytes:
+    await tab.goto(gateway.url + "/usage")
+    assert await tab.evaluate("document.body.dataset.state || ''") == ""
+    await tab.type_into('input[name="api-key"]', teams.key)
+    await tab.click("button#show")
+    state = await tab.wait_for("['ready', 'error'].includes(document.body.dataset.state)"
+                               " && document.body.dataset.state")
+    assert state == "ready", await tab.evaluate("document.getElementById('status').textContent")
+    assert await tab.evaluate("sessionStorage.getItem('aoai-gateway-key')") == teams.key
+    assert await tab.evaluate("document.getElementById('team').textContent") == teams.name
+    text = await tab.evaluate("document.body.innerText")
+    assert teams.other_name not in text and "other-secret-model" not in text
+    for month, tokens in ((teams.month, teams.tokens), (teams.previous, teams.previous_tokens)):
+        section = f'section.month[data-month="{month}"]'
+        assert await tab.evaluate(f"document.querySelector('{section} .total-tokens').textContent") == \
+            f"{sum(tokens.values()):,}"
+        shown = await tab.evaluate(
+            f"[...document.querySelectorAll('{section} table.deployments tbody tr')]"
+            ".map(r => [r.dataset.deployment, r.cells[4].textContent])")
+        assert shown == [[d, f"{t:,}"] for d, t in sorted(tokens.items())]
+        bars = await tab.evaluate(f"document.querySelectorAll('{section} svg.chart[data-kind=tokens] rect').length")
+        assert bars == len(tokens) if month == teams.month else bars == 3
+    limits = await tab.evaluate(
+        "[...document.querySelectorAll('#limits-table tbody tr')].map(r => [r.dataset.limit, r.cells[2].textContent])")
+    assert ["tokens_per_minute", "100,000"] in limits and ["tokens_per_day", "no limit"] in limits
+
+    # the statement downloads with the key in a header, never in a URL
+    await tab.click(f'a.download[data-month="{teams.previous}"]')
+    path = downloads / f"usage-{teams.name}-{teams.previous}.csv"
+    await asyncio.to_thread(eventually, path.is_file, timeout=20)
+    rows = list(csv.DictReader(io.StringIO(path.read_text())))
+    assert {row["deployment"]: int(row["total_tokens"]) for row in rows} == teams.previous_tokens
+
+    screenshot = await tab.screenshot()
+    image = decode_png(screenshot)
+    for month in (teams.month, teams.previous):
+        box = await tab.box(f'section.month[data-month="{month}"] svg.chart[data-kind=tokens]')
+        blue = image.count(CHART_BLUE, box)
+        assert blue > 200, f"the {month} chart shows {blue} pixels of its bars' colour"
+    heading = await tab.box("header")
+    assert image.count(CHART_BLUE, heading) > 0  # the button: the colour is not only in the charts
+    return screenshot
+
+
+def test_the_page_in_a_headless_browser(gateway: Gateway, teams: Teams, tmp_path: Path) -> None:
+    """Chromium opens /usage, the team types its key and clicks: the charts of this and last month, the quota and
+    the CSV download come from this gateway alone, and the screenshot shows the bars."""
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+
+    async def scenario() -> tuple[bytes, list[str]]:
+        async with chromium() as browser:
+            await browser.allow_downloads(downloads)
+            tab = await browser.new_tab(width=1200, height=900)
+            return await _look_at_the_page(tab, gateway, teams, downloads), tab.requests
+
+    screenshot, requests = asyncio.run(scenario())
+    origin = urlsplit(gateway.url).netloc
+    elsewhere = [url for url in requests if not url.startswith(("blob:", "data:")) and urlsplit(url).netloc != origin]
+    assert not elsewhere, f"the page asked for {elsewhere}"
+    assert all(teams.key not in url for url in requests)
+    assert {urlsplit(url).path for url in requests if urlsplit(url).netloc == origin} == {
+        "/usage", "/usage/data", "/usage/statement.csv"}
+    kept = os.environ.get(SCREENSHOT_SETTING)
+    (Path(kept) if kept else tmp_path / "usage-page.png").write_bytes(screenshot)
