@@ -19,6 +19,7 @@ from usage import _replay
 from usage._config import CONTENT_LOG_SETTING, SettingsError, load_blob_config, load_storage_config, read_environment
 from usage._content import open_blob_service, read_records, render_records
 from usage._keys import KeyRecord, KeyStore, KeyStoreError, Limits
+from usage._prices import load_prices
 from usage._report import GROUPS, group, read_days, render
 from usage._tables import open_table_service
 
@@ -182,7 +183,7 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
     try:
         async with open_table_service(config, credential=credential) as service:
             if args.command == "rejects":
-                return await _replay.run(service, args, out)
+                return await _replay.run(service, args, out, prices=load_prices(env))
             if args.command == "report":
                 await _report(service, args, out)
             else:

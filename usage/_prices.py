@@ -248,6 +248,27 @@ def load_prices(env: Mapping[str, str]) -> Prices:
     return parse_prices(env.get(PRICES_SETTING, ""))
 
 
+def _per_million(nano_per_token: int) -> str:
+    whole, fraction = divmod(nano_per_token, 1000)
+    return f"{whole}.{fraction:03d}".rstrip("0").rstrip(".")
+
+
+def dump_prices(prices: Prices) -> str:
+    """``prices`` as the ``PRICES`` JSON that ``parse_prices`` reads back into an equal object."""
+    def rates(r: Rates) -> dict[str, str]:
+        return {name: _per_million(getattr(r, name)) for name in _RATES}
+
+    def entry(e: PriceEntry) -> dict[str, Any]:
+        item: dict[str, Any] = {"currency": e.currency, **rates(e.rates)}
+        if e.effective_from is not None:
+            item["effective_from"] = e.effective_from.isoformat()
+        if e.backends:
+            item["backends"] = {name: rates(r) for name, r in e.backends.items()}
+        return item
+
+    return json.dumps({name: [entry(e) for e in history] for name, history in prices.entries.items()})
+
+
 def format_cost(nano: int) -> str:
     """Nano-units as a decimal string in currency units: at least 2 decimals, at most 9, exact."""
     sign = "-" if nano < 0 else ""
