@@ -109,11 +109,16 @@ class _Outcome:
 
 @dataclass(frozen=True, slots=True)
 class _Counted:
-    """An event to count, with what it adds to each counter and the currency of its cost (``None``: unpriced)."""
+    """An event to count, with what it adds to each counter and the currency its rows are in."""
 
     event: UsageEvent
     increments: tuple[int, ...]
+    #: the price's currency; for an unpriced event, its deployment's in PRICES (``None``: it has none)
     currency: str | None
+
+    @property
+    def unpriced(self) -> bool:
+        return self.increments[-1] == 1
 
 
 def _increments(event: UsageEvent, cost: int | None) -> tuple[int, ...]:
@@ -130,6 +135,7 @@ def _fitting(
 
     An event is unpriced when no price is in force for it, or when a row it touches already holds a
     cost in another currency (``PRICES`` changed a deployment's currency within the row's period).
+    A row's ``Currency`` is its deployment's, also while only unpriced usage is in it.
     """
     totals = {row: [as_int(entity.get(name)) for name in _ALL_COUNTERS] for row, entity in existing.items()}
     currencies = {row: str(entity.get("Currency") or "") for row, entity in existing.items()}
@@ -137,14 +143,17 @@ def _fitting(
     too_large: list[UsageEvent] = []
     for event in events:
         rows = [counter_row(p, event.time, event.deployment) for p in PERIODS]
+        held = {currencies[row] for row in rows if currencies.get(row)}
         price = prices.lookup(event.deployment, event.backend or None, event.time)
-        if price is not None and any(currencies.get(row, "") not in ("", price.currency) for row in rows):
+        if price is not None and held - {price.currency}:
             log.warning("usage event %s of %s is counted unpriced: its rows already hold a cost in %s, "
-                        "PRICES now says %s", event.event_id, event.deployment,
-                        sorted({currencies[r] for r in rows if currencies.get(r)}), price.currency)
+                        "PRICES now says %s", event.event_id, event.deployment, sorted(held), price.currency)
             price = None
         cost = None if price is None else price.cost_nano(event.prompt_tokens, event.cached_tokens,
                                                           event.completion_tokens)
+        currency = price.currency if price is not None else prices.currency(event.deployment)
+        if currency is not None and held - {currency}:
+            currency = None  # rows already in another currency keep it
         increments = _increments(event, cost)
         after = {row: [a + b for a, b in zip(totals.get(row, [0] * len(_ALL_COUNTERS)), increments, strict=True)]
                  for row in rows}
@@ -152,9 +161,9 @@ def _fitting(
             too_large.append(event)
         else:
             totals.update(after)
-            if price is not None:
-                currencies.update(dict.fromkeys(rows, price.currency))
-            fitting.append(_Counted(event, increments, None if price is None else price.currency))
+            if currency is not None:
+                currencies.update(dict.fromkeys(rows, currency))
+            fitting.append(_Counted(event, increments, currency))
     return fitting, too_large
 
 
@@ -323,7 +332,7 @@ class Aggregator:
         now = datetime.now(UTC)
         for counted in fresh:
             self._lag.record(max(0.0, (now - counted.event.time).total_seconds()))
-        self._unpriced.add(sum(c.currency is None for c in fresh))
+        self._unpriced.add(sum(c.unpriced for c in fresh))
         return skipped + _Outcome(counted=len(fresh), transactions=1)
 
     def _operations(
