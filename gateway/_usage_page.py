@@ -32,8 +32,10 @@ from gateway._exceptions import BadRequest, RequestError, SettingsError, retry_a
 from gateway._responses import buffered, error_response
 from gateway._runtime import GatewayRuntime
 from usage import STORAGE_ERRORS, KeyRecord
-from usage._report import FIELDS, DayUsage, group, read_days, render
+from usage._prices import format_cost
+from usage._report import FIELDS, DayUsage, group, read_days
 from usage._schema import USAGE_TABLE, partition_key, period_start
+from usage._statement import render_statement, statement_rows
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +132,12 @@ class UsagePage:
     async def _statement(self, request: Request) -> StreamingResponse:
         record, tables, now = await self._authenticate(request)
         month = requested_month(request, now)
+        month_text = f"{month:%Y-%m}"
         async with asyncio.timeout(READ_TIMEOUT_SECONDS):
-            days = await read_days(tables, since=month, until=_month_end(month), key=record.name)
-        text = render(group(days, "deployment"), "deployment", "csv")
+            rows = await statement_rows(tables, month=month_text, key=record.name)
+        text = render_statement(rows, "csv", month_text)
         headers = {**_SECURITY_HEADERS, "content-type": "text/csv; charset=utf-8",
-                   "content-disposition": f'attachment; filename="usage-{record.name}-{month:%Y-%m}.csv"'}
+                   "content-disposition": f'attachment; filename="usage-{record.name}-{month_text}.csv"'}
         return buffered(200, (text + "\n").encode(), headers)
 
     async def _authenticate(self, request: Request) -> tuple[KeyRecord, TableServiceClient, datetime]:
@@ -193,15 +196,31 @@ def _month_end(day: date) -> date:
 
 
 def _day_row(row: DayUsage) -> dict[str, Any]:
-    return {"day": row.day.isoformat(), "deployment": row.deployment, **dict(zip(FIELDS, row.counts, strict=True))}
+    """A day row as the report's JSON gives one: the token fields, ``cost`` (currency units), ``currency`` and
+    ``unpriced_requests``."""
+    return {"day": row.day.isoformat(), "deployment": row.deployment, **dict(zip(FIELDS, row.counts, strict=True)),
+            "cost": format_cost(row.cost_nano), "currency": row.currency, "unpriced_requests": row.unpriced_requests}
 
 
 def _totals(rows: list[DayUsage]) -> dict[str, Any]:
+    """The month's token fields and ``unpriced_requests`` summed, and ``costs``: one ``{"currency", "cost"}`` per
+    currency (costs in two currencies are never added); ``cost`` and ``currency`` too when there is one."""
     sums = [0] * len(FIELDS)
+    costs: dict[str, int] = {}
     for row in rows:
         for i, value in enumerate(row.counts):
             sums[i] += value
-    return dict(zip(FIELDS, sums, strict=True))
+        if row.currency is not None:
+            costs[row.currency] = costs.get(row.currency, 0) + row.cost_nano
+    totals: dict[str, Any] = dict(zip(FIELDS, sums, strict=True))
+    totals["unpriced_requests"] = sum(row.unpriced_requests for row in rows)
+    totals["costs"] = [{"currency": c, "cost": format_cost(n)} for c, n in sorted(costs.items())]
+    if len(costs) == 1:
+        [(totals["currency"], nano)] = costs.items()
+        totals["cost"] = format_cost(nano)
+    else:
+        totals["cost"] = totals["currency"] = None
+    return totals
 
 
 async def _used_now(tables: TableServiceClient, name: str, now: datetime) -> dict[str, dict[str, int]]:

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,16 +22,37 @@ import openai
 import pytest
 
 from tests.browser import Tab, chromium, decode_png
-from tests.harness import Gateway, eventually, http
+from tests.harness import Gateway, eventually, http, running_gateway
 from usage import open_table_service
 from usage._aggregate import Aggregator
 from usage._keys import Limits
+from usage._prices import format_cost, parse_prices
 
 API_VERSION = "2024-10-21"
 #: the page's first chart colour (its first deployment's bars), as RGB
 CHART_BLUE = (0x25, 0x63, 0xEB)
 #: set to a path to keep the browser test's screenshot there (the README's docs/usage-page.png is made so)
 SCREENSHOT_SETTING = "USAGE_PAGE_SCREENSHOT"
+#: per million tokens; "other-secret-model" has no price
+PRICES: dict[str, Any] = {
+    "gpt-4o": {"currency": "USD", "input": "2.5", "cached_input": "1.25", "output": "10"},
+    "gpt-4o-mini": {"currency": "USD", "input": "0.15", "cached_input": "0.075", "output": "0.6"},
+}
+#: nano-units per token: (input, cached input, output)
+NANO_PER_TOKEN = {"gpt-4o": (2500, 1250, 10_000), "gpt-4o-mini": (150, 75, 600)}
+
+
+def cost_nano(deployment: str, prompt: int, cached: int, completion: int) -> int:
+    """An event's cost as the issue defines it, in nano-units."""
+    rate, cached_rate, output = NANO_PER_TOKEN[deployment]
+    return (prompt - cached) * rate + cached * cached_rate + completion * output
+
+
+@pytest.fixture
+def gateway(storage: str) -> Iterator[Gateway]:
+    """The running gateway, with PRICES for two of the three deployments the tests use."""
+    with running_gateway(storage, prices=parse_prices(json.dumps(PRICES))) as running:
+        yield running
 
 
 def months(now: datetime) -> tuple[str, str]:
@@ -54,7 +76,7 @@ def aggregate(gateway: Gateway, bodies: list[bytes]) -> None:
 
     async def run() -> None:
         async with open_table_service(gateway.settings.storage) as service:
-            result = await Aggregator(service).aggregate(bodies)
+            result = await Aggregator(service, prices=gateway.settings.prices).aggregate(bodies)
             assert result.counted == len(bodies)
 
     gateway.loop.run(run())
@@ -94,6 +116,9 @@ class Teams:
         mine = [r for r in records if r.key_name == self.name]
         self.tokens = {d: sum(r.total_tokens for r in mine if r.deployment == d) for d in ("gpt-4o", "gpt-4o-mini")}
         assert all(self.tokens.values())
+        self.cost = {d: sum(cost_nano(d, r.prompt_tokens, r.cached_tokens, r.completion_tokens)
+                            for r in mine if r.deployment == d) for d in self.tokens}
+        assert all(self.cost.values())
         last = datetime.strptime(self.previous, "%Y-%m").replace(day=12, hour=9, tzinfo=UTC)
         aggregate(gateway, [
             event(self.name, "gpt-4o", last, 1200, 800),
@@ -102,6 +127,8 @@ class Teams:
             event(self.other_name, "other-secret-model", last, 9000, 9000),
         ])
         self.previous_tokens = {"gpt-4o": 3000, "gpt-4o-mini": 500}
+        self.previous_cost = {"gpt-4o": cost_nano("gpt-4o", 1800, 0, 1200),  # 0.0165 USD
+                              "gpt-4o-mini": cost_nano("gpt-4o-mini", 300, 0, 200)}  # 0.000165 USD
         # the local run counts in process after a short linger: wait until this month's usage is in the table
         eventually(lambda: data(gateway, self.key).json()["totals"]["requests"] == 3,
                    message=lambda: data(gateway, self.key).text)
@@ -129,6 +156,10 @@ def test_data_is_the_keys_own_usage_by_day_and_deployment(gateway: Gateway, team
     assert {row["day"] for row in document["days"]} == {today}
     assert by_deployment["gpt-4o"]["requests"] == 2
     assert document["totals"]["total_tokens"] == sum(teams.tokens.values())
+    assert {d: (row["cost"], row["currency"], row["unpriced_requests"]) for d, row in by_deployment.items()} == {
+        d: (format_cost(nano), "USD", 0) for d, nano in teams.cost.items()}
+    assert (document["totals"]["cost"], document["totals"]["currency"]) == (format_cost(sum(teams.cost.values())),
+                                                                            "USD")
     quota = document["quota"]
     assert quota["tokens_per_minute"]["limit"] == 100_000
     assert quota["tokens_per_month"] == {"limit": 5_000_000, "window": "month", "used": sum(teams.tokens.values()),
@@ -142,7 +173,9 @@ def test_data_is_the_keys_own_usage_by_day_and_deployment(gateway: Gateway, team
 
     other = data(gateway, teams.other_key, f"?month={teams.previous}").json()
     assert other["key"] == teams.other_name
-    assert [row["deployment"] for row in other["deployments"]] == ["other-secret-model"]
+    assert [(row["deployment"], row["currency"], row["unpriced_requests"]) for row in other["deployments"]] == [
+        ("other-secret-model", None, 1)]  # no price: counted as unpriced, not as 0
+    assert other["totals"]["costs"] == [] and other["totals"]["unpriced_requests"] == 1
     assert len(gateway.sink.records) == events_before  # no usage event for the page's calls
 
 
@@ -153,10 +186,13 @@ def test_statement_csv_is_an_attachment_of_the_keys_own_month(gateway: Gateway, 
     assert answer.headers["content-disposition"].startswith("attachment;")
     assert teams.key not in answer.text and "other-secret-model" not in answer.text
     rows = list(csv.DictReader(io.StringIO(answer.text)))
-    assert {row["deployment"]: int(row["total_tokens"]) for row in rows} == teams.previous_tokens
+    assert {row["key"] for row in rows} == {teams.name}
+    assert {row["deployment"]: (int(row["total_tokens"]), row["cost"], row["currency"]) for row in rows} == {
+        d: (tokens, format_cost(teams.previous_cost[d]), "USD") for d, tokens in teams.previous_tokens.items()}
     current = http("GET", f"{gateway.url}/usage/statement.csv", headers={"api-key": teams.key})
-    assert {row["deployment"]: int(row["total_tokens"])
-            for row in csv.DictReader(io.StringIO(current.text))} == teams.tokens
+    assert {row["deployment"]: (int(row["total_tokens"]), row["cost"])
+            for row in csv.DictReader(io.StringIO(current.text))} == {
+        d: (tokens, format_cost(teams.cost[d])) for d, tokens in teams.tokens.items()}
 
 
 @pytest.mark.parametrize("path", ["/usage/data", "/usage/statement.csv"])
@@ -211,16 +247,21 @@ async def _look_at_the_page(tab: Tab, gateway: Gateway, teams: Teams, downloads:
     assert await tab.evaluate("document.getElementById('team').textContent") == teams.name
     text = await tab.evaluate("document.body.innerText")
     assert teams.other_name not in text and "other-secret-model" not in text
-    for month, tokens in ((teams.month, teams.tokens), (teams.previous, teams.previous_tokens)):
+    for month, tokens, cost in ((teams.month, teams.tokens, teams.cost),
+                                (teams.previous, teams.previous_tokens, teams.previous_cost)):
         section = f'section.month[data-month="{month}"]'
         assert await tab.evaluate(f"document.querySelector('{section} .total-tokens').textContent") == \
             f"{sum(tokens.values()):,}"
+        assert await tab.evaluate(f"document.querySelector('{section} .total-cost').textContent") == \
+            f"USD {format_cost(sum(cost.values()))}"
         shown = await tab.evaluate(
             f"[...document.querySelectorAll('{section} table.deployments tbody tr')]"
-            ".map(r => [r.dataset.deployment, r.cells[4].textContent])")
-        assert shown == [[d, f"{t:,}"] for d, t in sorted(tokens.items())]
-        bars = await tab.evaluate(f"document.querySelectorAll('{section} svg.chart[data-kind=tokens] rect').length")
-        assert bars == len(tokens) if month == teams.month else bars == 3
+            ".map(r => [r.dataset.deployment, r.cells[4].textContent, r.cells[5].textContent])")
+        assert shown == [[d, f"{t:,}", f"USD {format_cost(cost[d])}"] for d, t in sorted(tokens.items())]
+        days = 1 if month == teams.month else 3
+        for kind in ("tokens", "cost"):
+            bars = await tab.evaluate(f"document.querySelectorAll('{section} svg.chart[data-kind={kind}] rect').length")
+            assert bars == (len(tokens) if month == teams.month else days), (month, kind)
     limits = await tab.evaluate(
         "[...document.querySelectorAll('#limits-table tbody tr')].map(r => [r.dataset.limit, r.cells[2].textContent])")
     assert ["tokens_per_minute", "100,000"] in limits and ["tokens_per_day", "no limit"] in limits
@@ -235,9 +276,10 @@ async def _look_at_the_page(tab: Tab, gateway: Gateway, teams: Teams, downloads:
     screenshot = await tab.screenshot()
     image = decode_png(screenshot)
     for month in (teams.month, teams.previous):
-        box = await tab.box(f'section.month[data-month="{month}"] svg.chart[data-kind=tokens]')
-        blue = image.count(CHART_BLUE, box)
-        assert blue > 200, f"the {month} chart shows {blue} pixels of its bars' colour"
+        for kind in ("tokens", "cost"):
+            box = await tab.box(f'section.month[data-month="{month}"] svg.chart[data-kind={kind}]')
+            blue = image.count(CHART_BLUE, box)
+            assert blue > 200, f"the {month} {kind} chart shows {blue} pixels of its bars' colour"
     heading = await tab.box("header")
     assert image.count(CHART_BLUE, heading) > 0  # the button: the colour is not only in the charts
     return screenshot
