@@ -49,6 +49,8 @@ READ_TIMEOUT_SECONDS = 10.0
 RETRY_AFTER_SECONDS = 5.0
 #: the usage table column each kind of limit counts, by the limit's name (``<unit>_per_<window>``)
 _USED_COLUMN = {"tokens": "TotalTokens", "requests": "Requests"}
+#: the usage table's cost columns (written by the aggregator since PRICES)
+COST_COLUMN, CURRENCY_COLUMN = "CostNano", "Currency"
 _WINDOWS = ("minute", "day", "month")
 _SECURITY_HEADERS = {
     "x-content-type-options": "nosniff",
@@ -117,13 +119,15 @@ class UsagePage:
         async with asyncio.timeout(READ_TIMEOUT_SECONDS):
             days = await read_days(tables, since=month, until=_month_end(month), key=record.name)
             used = await _used_now(tables, record.name, now)
+        quota, budget = _limits_state(record, used, now)
         document = {
             "key": record.name,
             "month": f"{month:%Y-%m}",
             "days": [_day_row(row) for row in sorted(days, key=lambda r: (r.day, r.deployment))],
             "deployments": group(days, "deployment"),
             "totals": _totals(days),
-            "quota": _limits_state(record, used, now),
+            "quota": quota,
+            "budget": budget,
             "as_of": now.isoformat(timespec="seconds"),
         }
         body = json.dumps(document, default=str).encode()
@@ -223,43 +227,65 @@ def _totals(rows: list[DayUsage]) -> dict[str, Any]:
     return totals
 
 
-async def _used_now(tables: TableServiceClient, name: str, now: datetime) -> dict[str, dict[str, int]]:
-    """Per window (this minute, day and month, UTC), the key's counters over all deployments, as aggregated."""
+@dataclasses.dataclass(slots=True)
+class _Used:
+    """The key's counters over all deployments in this minute, day and month (UTC), as aggregated, and the
+    currencies its costs this month are in."""
+
+    windows: dict[str, dict[str, int]]
+    currencies: set[str]
+
+
+async def _used_now(tables: TableServiceClient, name: str, now: datetime) -> _Used:
     terms, parameters = [], {"pk": partition_key(name, now)}
     for window in _WINDOWS:
         parameters[f"{window}_lo"] = f"{window}|{period_start(window, now)}|"
         parameters[f"{window}_hi"] = f"{window}|{period_start(window, now)}|~"
         terms.append(f"( RowKey ge @{window}_lo and RowKey lt @{window}_hi )")  # the SDK needs the spaces
-    used: dict[str, dict[str, int]] = {window: {} for window in _WINDOWS}
+    used = _Used({window: {} for window in _WINDOWS}, set())
     table = tables.get_table_client(USAGE_TABLE)
     try:
         async for entity in table.query_entities(f"PartitionKey eq @pk and ( {' or '.join(terms)} )",
                                                  parameters=parameters):
-            sums = used[str(entity["RowKey"]).split("|", 1)[0]]
+            sums = used.windows[str(entity["RowKey"]).split("|", 1)[0]]
             for column, value in entity.items():
                 number = value.value if isinstance(value, EntityProperty) else value
                 if isinstance(number, int) and not isinstance(number, bool):
                     sums[column] = sums.get(column, 0) + number
+            if entity.get(CURRENCY_COLUMN):
+                used.currencies.add(str(entity[CURRENCY_COLUMN]))
     except ResourceNotFoundError:  # no usage table yet: nothing used
         pass
     return used
 
 
-def _limits_state(record: KeyRecord, used: dict[str, dict[str, int]], now: datetime) -> dict[str, Any]:
-    """Every field of the key's ``Limits``, whatever they are: ``limit`` (``None``: not set), and for a
-    ``<unit>_per_<window>`` limit whose unit the usage table counts, ``used`` in the current window and when it
-    ``resets``."""
-    state: dict[str, Any] = {}
+def _limits_state(record: KeyRecord, used: _Used, now: datetime) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The quotas and the money budgets: every field of the key's ``Limits``, whatever they are.
+
+    Each gets ``limit`` (``None``: not set) and ``window``; a ``<unit>_per_<window>`` limit whose unit the usage
+    table counts also gets ``used`` in the current window and when that ``resets``. A money limit
+    (``<name>_nano_per_<window>``, in nano-units) is a budget: shown as ``<name>_per_<window>`` in currency units
+    (decimal strings, as costs are) with the ``currency`` its costs are counted in.
+    """
+    quota: dict[str, Any] = {}
+    budget: dict[str, Any] = {}
     for field in dataclasses.fields(record.limits):
         limit = getattr(record.limits, field.name)
         unit, _, window = field.name.partition("_per_")
+        money = unit.endswith("_nano")
+        column = COST_COLUMN if money else _USED_COLUMN.get(unit)
         entry: dict[str, Any] = {"limit": limit, "window": window or None}
-        column = _USED_COLUMN.get(unit)
-        if window in used and column is not None:
-            entry["used"] = used[window].get(column, 0)
+        if window in used.windows and column is not None:
+            entry["used"] = used.windows[window].get(column, 0)
             entry["resets"] = _window_end(window, now).isoformat(timespec="seconds")
-        state[field.name] = entry
-    return state
+        if money:
+            entry.update({name: format_cost(entry[name]) for name in ("limit", "used")
+                          if isinstance(entry.get(name), int)})
+            entry["currency"] = next(iter(used.currencies)) if len(used.currencies) == 1 else None
+            budget[f"{unit.removesuffix('_nano')}_per_{window}"] = entry
+        else:
+            quota[field.name] = entry
+    return quota, budget
 
 
 def _window_end(window: str, now: datetime) -> datetime:

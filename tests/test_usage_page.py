@@ -119,16 +119,18 @@ class Teams:
         self.cost = {d: sum(cost_nano(d, r.prompt_tokens, r.cached_tokens, r.completion_tokens)
                             for r in mine if r.deployment == d) for d in self.tokens}
         assert all(self.cost.values())
-        last = datetime.strptime(self.previous, "%Y-%m").replace(day=12, hour=9, tzinfo=UTC)
-        aggregate(gateway, [
-            event(self.name, "gpt-4o", last, 1200, 800),
-            event(self.name, "gpt-4o", last + timedelta(days=3), 600, 400),
-            event(self.name, "gpt-4o-mini", last + timedelta(days=5), 300, 200),
-            event(self.other_name, "other-secret-model", last, 9000, 9000),
-        ])
-        self.previous_tokens = {"gpt-4o": 3000, "gpt-4o-mini": 500}
-        self.previous_cost = {"gpt-4o": cost_nano("gpt-4o", 1800, 0, 1200),  # 0.0165 USD
-                              "gpt-4o-mini": cost_nano("gpt-4o-mini", 300, 0, 200)}  # 0.000165 USD
+        # last month: working days of gpt-4o, every third day some gpt-4o-mini, one day row each
+        first = datetime.strptime(self.previous, "%Y-%m").replace(hour=9, tzinfo=UTC)
+        self.previous_days = [(d, "gpt-4o", 2400 + 370 * (d % 5) + 45 * d, 900 + 160 * (d % 3))
+                              for d in range(1, 29) if d % 7 not in (0, 6)]
+        self.previous_days += [(d, "gpt-4o-mini", 5000 + 300 * (d % 4), 1500) for d in range(3, 29, 3)]
+        aggregate(gateway, [event(self.name, deployment, first + timedelta(days=d - 1), prompt, completion)
+                            for d, deployment, prompt, completion in self.previous_days]
+                  + [event(self.other_name, "other-secret-model", first, 9000, 9000)])
+        self.previous_tokens = {d: sum(p + c for _, name, p, c in self.previous_days if name == d)
+                                for d in ("gpt-4o", "gpt-4o-mini")}
+        self.previous_cost = {d: sum(cost_nano(d, p, 0, c) for _, name, p, c in self.previous_days if name == d)
+                              for d in ("gpt-4o", "gpt-4o-mini")}
         # the local run counts in process after a short linger: wait until this month's usage is in the table
         eventually(lambda: data(gateway, self.key).json()["totals"]["requests"] == 3,
                    message=lambda: data(gateway, self.key).text)
@@ -162,14 +164,17 @@ def test_data_is_the_keys_own_usage_by_day_and_deployment(gateway: Gateway, team
                                                                             "USD")
     quota = document["quota"]
     assert quota["tokens_per_minute"]["limit"] == 100_000
+    next_month = (datetime.now(UTC).replace(day=1) + timedelta(days=32)).replace(day=1)
     assert quota["tokens_per_month"] == {"limit": 5_000_000, "window": "month", "used": sum(teams.tokens.values()),
-                                         "resets": quota["tokens_per_month"]["resets"]}
+                                         "resets": f"{next_month:%Y-%m}-01T00:00:00+00:00"}
     assert quota["tokens_per_day"]["limit"] is None
+    assert all(state["limit"] is None for state in document["budget"].values())  # none set for this key
 
     previous = data(gateway, teams.key, f"?month={teams.previous}").json()
     assert previous["month"] == teams.previous and previous["key"] == teams.name
     assert {row["deployment"]: row["total_tokens"] for row in previous["deployments"]} == teams.previous_tokens
-    assert len(previous["days"]) == 3
+    assert sorted((row["day"][8:], row["deployment"]) for row in previous["days"]) == sorted(
+        (f"{d:02d}", name) for d, name, _, _ in teams.previous_days)
 
     other = data(gateway, teams.other_key, f"?month={teams.previous}").json()
     assert other["key"] == teams.other_name
@@ -258,10 +263,9 @@ async def _look_at_the_page(tab: Tab, gateway: Gateway, teams: Teams, downloads:
             f"[...document.querySelectorAll('{section} table.deployments tbody tr')]"
             ".map(r => [r.dataset.deployment, r.cells[4].textContent, r.cells[5].textContent])")
         assert shown == [[d, f"{t:,}", f"USD {format_cost(cost[d])}"] for d, t in sorted(tokens.items())]
-        days = 1 if month == teams.month else 3
         for kind in ("tokens", "cost"):
             bars = await tab.evaluate(f"document.querySelectorAll('{section} svg.chart[data-kind={kind}] rect').length")
-            assert bars == (len(tokens) if month == teams.month else days), (month, kind)
+            assert bars == (len(tokens) if month == teams.month else len(teams.previous_days)), (month, kind)
     limits = await tab.evaluate(
         "[...document.querySelectorAll('#limits-table tbody tr')].map(r => [r.dataset.limit, r.cells[2].textContent])")
     assert ["tokens_per_minute", "100,000"] in limits and ["tokens_per_day", "no limit"] in limits
