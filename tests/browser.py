@@ -42,6 +42,7 @@ class Tab:
     browser: Browser
     session: str
     requests: list[str] = field(default_factory=list)  # every URL the page asked for, in order
+    errors: list[str] = field(default_factory=list)  # uncaught exceptions and console/browser errors (CSP's too)
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def send(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -135,6 +136,10 @@ class Browser:
                 tab.requests.append(data["params"]["request"]["url"])
             elif data["method"] == "Page.loadEventFired":
                 tab.loaded.set()
+            elif data["method"] == "Runtime.exceptionThrown":
+                tab.errors.append(str(data["params"]["exceptionDetails"]))
+            elif data["method"] == "Log.entryAdded" and data["params"]["entry"]["level"] == "error":
+                tab.errors.append(str(data["params"]["entry"]["text"]))
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(BrowserError("the DevTools connection closed"))
@@ -156,7 +161,7 @@ class Browser:
         attached = await self.send("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True})
         tab = Tab(self, attached["sessionId"])
         self._tabs[tab.session] = tab
-        for domain in ("Page", "Network", "Runtime"):
+        for domain in ("Page", "Network", "Runtime", "Log"):
             await tab.send(f"{domain}.enable")
         await tab.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height,
                                                               "deviceScaleFactor": 1, "mobile": False})

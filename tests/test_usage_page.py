@@ -295,13 +295,14 @@ def test_the_page_in_a_headless_browser(gateway: Gateway, teams: Teams, tmp_path
     downloads = tmp_path / "downloads"
     downloads.mkdir()
 
-    async def scenario() -> tuple[bytes, list[str]]:
+    async def scenario() -> tuple[bytes, list[str], list[str]]:
         async with chromium() as browser:
             await browser.allow_downloads(downloads)
             tab = await browser.new_tab(width=1200, height=900)
-            return await _look_at_the_page(tab, gateway, teams, downloads), tab.requests
+            return await _look_at_the_page(tab, gateway, teams, downloads), tab.requests, tab.errors
 
-    screenshot, requests = asyncio.run(scenario())
+    screenshot, requests, errors = asyncio.run(scenario())
+    assert not errors  # no script error, no refusal by the Content-Security-Policy
     origin = urlsplit(gateway.url).netloc
     elsewhere = [url for url in requests if not url.startswith(("blob:", "data:")) and urlsplit(url).netloc != origin]
     assert not elsewhere, f"the page asked for {elsewhere}"
