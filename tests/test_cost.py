@@ -280,3 +280,23 @@ def test_serve_refuses_bad_prices_naming_the_setting(prices: str, tmp_path: Path
     with pytest.raises(SettingsError) as caught:
         load_settings(env)
     assert caught.value.name == "PRICES"
+
+
+async def test_cost_past_int64_is_rejected_not_lost(service: Any) -> None:
+    """An event whose cost would take its counters past Int64 is kept in usagerejects with its reason, and the
+    rows are left as they were: never wrapped, never dropped."""
+    from usage._schema import REJECTS_TABLE
+
+    key = f"big-{uuid.uuid4().hex[:8]}"
+    prices = parse_prices('{"gpt-4o": {"currency": "USD", "input": 0, "cached_input": 0, "output": 100000}}')
+    small, huge = month_events(key)[:2]
+    huge = {**huge, "deployment": "gpt-4o", "completion_tokens": 10**12 - 10**4,
+            "total_tokens": 10**12 - 10**4 + huge["prompt_tokens"]}  # each count within bounds; the cost 10^20
+    result = await Aggregator(service, prices=prices).aggregate([json.dumps(small), json.dumps(huge)],
+                                                                message_ids=["small", f"huge-{key}"])
+    assert (result.counted, result.rejected) == (1, 1)
+    [row] = await statement_rows(service, month="2026-11", key=key)
+    assert (row.requests, row.cost_nano) == (1, small["completion_tokens"] * 10**8)
+    rejects = service.get_table_client(REJECTS_TABLE)
+    [reject] = [e async for e in rejects.query_entities("MessageId eq @m", parameters={"m": f"huge-{key}"})]
+    assert "Int64" in reject["Reason"]
