@@ -115,17 +115,26 @@ def group(rows: Iterable[DayUsage], by: str) -> list[dict[str, Any]]:
     return out
 
 
-def _totals(rows: list[dict[str, Any]], by: str, fields: tuple[str, ...]) -> list[dict[str, Any]]:
-    """One TOTAL row per currency of ``rows`` (their cost summed exactly, in nano-units)."""
-    currencies = sorted({r["currency"] for r in rows}, key=lambda c: c or "")
-    totals = []
-    for currency in currencies:
-        same = [r for r in rows if r["currency"] == currency]
-        total: dict[str, Any] = {by: "TOTAL", **{f: sum(r[f] for r in same) for f in fields if f not in COST_FIELDS}}
+def by_currency(rows: list[dict[str, Any]]) -> dict[str | None, list[dict[str, Any]]]:
+    """``rows`` by their ``currency``; rows with none (unpriced usage only) join the one currency if there is one."""
+    groups: dict[str | None, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["currency"], []).append(row)
+    priced = [c for c in groups if c is not None]
+    if len(priced) == 1 and None in groups:
+        groups[priced[0]] += groups.pop(None)
+    return dict(sorted(groups.items(), key=lambda item: item[0] or ""))
+
+
+def totals(rows: list[dict[str, Any]], label: dict[str, str], counts: tuple[str, ...]) -> list[dict[str, Any]]:
+    """A TOTAL row per currency of ``rows``: ``label``, the ``counts`` summed, the cost summed exactly."""
+    out = []
+    for currency, same in by_currency(rows).items():
+        total: dict[str, Any] = {**label, **{f: sum(r[f] for r in same) for f in counts}}
         total.update(cost=format_cost(sum(parse_amount(r["cost"]) for r in same)), currency=currency,
                      unpriced_requests=sum(r["unpriced_requests"] for r in same))
-        totals.append(total)
-    return totals
+        out.append(total)
+    return out
 
 
 def as_csv(rows: list[dict[str, Any]], headers: list[str]) -> str:
@@ -136,14 +145,22 @@ def as_csv(rows: list[dict[str, Any]], headers: list[str]) -> str:
     return out.getvalue().rstrip("\n")
 
 
-def as_table(rows: list[dict[str, Any]], headers: list[str], totals: list[dict[str, Any]], *, labels: int = 1) -> str:
-    """A plain-text table, the first ``labels`` columns left-aligned, ``totals`` under a rule."""
+def as_table(rows: list[dict[str, Any]], headers: list[str], footer: list[dict[str, Any]], *, labels: int = 1) -> str:
+    """A plain-text table, the first ``labels`` columns left-aligned, ``footer`` (the totals) under a rule."""
     def cell(value: Any) -> str:
         if value is None:
             return "-"
         return f"{value:,}" if isinstance(value, int) else str(value)
 
-    cells = [[cell(r.get(h)) for h in headers] for r in [*rows, *totals]]
+    every = [*rows, *footer]
+    cells = [[cell(r.get(h)) for h in headers] for r in every]
+    if "cost" in headers:  # the same number of decimals down the column, so the points line up
+        column = headers.index("cost")
+        places = max(len(c[column].partition(".")[2]) for c in cells)
+        for row, c in zip(every, cells, strict=True):
+            whole, _, fraction = c[column].partition(".")
+            priced = row.get("currency") is not None
+            c[column] = f"{whole}.{fraction.ljust(places, '0')}" if priced else "-"  # no price: no cost, not 0
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
 
     def line(values: list[str]) -> str:
@@ -177,4 +194,4 @@ def render(rows: list[dict[str, Any]], by: str, form: str, *, width: int = 50) -
                 cost += f" + {row['unpriced_requests']:,} unpriced request(s)"
             lines.append(f"{row[by]!s:<{name_width}} │{bar:<{width}} {row['total_tokens']:,}  {cost}")
         return "\n".join(lines)
-    return as_table(rows, headers, _totals(rows, by, (*FIELDS, *COST_FIELDS)))
+    return as_table(rows, headers, totals(rows, {by: "TOTAL"}, FIELDS))

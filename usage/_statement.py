@@ -15,7 +15,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables.aio import TableServiceClient
 
 from usage._prices import format_cost
-from usage._report import as_csv, as_table
+from usage._report import as_csv, as_table, totals
 from usage._schema import USAGE_TABLE
 from usage._tables import as_int
 
@@ -26,6 +26,7 @@ _MONTH = re.compile(r"(\d{4})-(0[1-9]|1[0-2])")
 _COLUMNS = (("requests", "Requests"), ("prompt_tokens", "PromptTokens"), ("cached_tokens", "CachedTokens"),
             ("completion_tokens", "CompletionTokens"), ("reasoning_tokens", "ReasoningTokens"),
             ("total_tokens", "TotalTokens"))
+_COUNTS = tuple(name for name, _ in _COLUMNS)
 
 
 def is_month(text: str) -> bool:
@@ -94,12 +95,6 @@ def render_statement(rows: list[StatementRow], form: str, month: str) -> str:
         return as_csv(documents, list(STATEMENT_FIELDS))
     if not rows:
         return f"no usage in {month}"
-    totals = []
-    for currency in sorted({r.currency for r in rows}, key=lambda c: c or ""):
-        same = [r for r in rows if r.currency == currency]
-        total: dict[str, Any] = {"key": "TOTAL", "deployment": "",
-                                 **{name: sum(getattr(r, name) for r in same) for name, _ in _COLUMNS},
-                                 "cost": format_cost(sum(r.cost_nano for r in same)), "currency": currency,
-                                 "unpriced_requests": sum(r.unpriced_requests for r in same)}
-        totals.append(total)
-    return f"Statement for {month} (UTC)\n" + as_table(documents, list(STATEMENT_FIELDS), totals, labels=2)
+    label = {"key": "TOTAL", "deployment": ""}
+    table = as_table(documents, list(STATEMENT_FIELDS), totals(documents, label, _COUNTS), labels=2)
+    return f"Statement for {month} (UTC)\n{table}"
