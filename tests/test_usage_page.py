@@ -23,7 +23,7 @@ import pytest
 
 from tests.browser import Tab, chromium, decode_png
 from tests.harness import Gateway, eventually, http, running_gateway
-from usage import open_table_service
+from usage import KeyStore, open_table_service
 from usage._aggregate import Aggregator
 from usage._keys import Limits
 from usage._prices import format_cost, parse_prices
@@ -200,12 +200,22 @@ def test_statement_csv_is_an_attachment_of_the_keys_own_month(gateway: Gateway, 
         d: (tokens, format_cost(teams.cost[d])) for d, tokens in teams.tokens.items()}
 
 
-@pytest.mark.parametrize("path", ["/usage/data", "/usage/statement.csv"])
-def test_a_missing_or_wrong_key_gets_401(gateway: Gateway, path: str) -> None:
-    for headers in ({}, {"api-key": "gw-not-a-key"}, {"authorization": "Bearer nope"}):
-        answer = http("GET", gateway.url + path, headers=headers)
-        assert answer.status == 401, (headers, answer.text)
-        assert set(answer.json()["error"]) == {"code", "message"}
+def test_a_missing_wrong_or_revoked_key_gets_401(gateway: Gateway) -> None:
+    """No key, an unknown one, or a revoked one: 401, AOAI-shaped, on both endpoints; a good key's answer is 200."""
+    name = f"page-revoked-{uuid.uuid4().hex[:8]}"
+    revoked = gateway.create_key(name)
+
+    async def revoke() -> None:
+        async with open_table_service(gateway.settings.storage) as service:
+            await KeyStore(service, secret=gateway.settings.key_hash_secret).revoke(name)
+
+    gateway.loop.run(revoke())
+    for path in ("/usage/data", "/usage/statement.csv"):
+        assert http("GET", gateway.url + path, headers={"authorization": f"Bearer {gateway.key}"}).status == 200
+        for headers in ({}, {"api-key": "gw-not-a-key"}, {"authorization": "Bearer nope"}, {"api-key": revoked}):
+            answer = http("GET", gateway.url + path, headers=headers)
+            assert answer.status == 401, (path, headers, answer.text)
+            assert set(answer.json()["error"]) == {"code", "message"}
 
 
 BAD_MONTHS = (
