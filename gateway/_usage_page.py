@@ -117,8 +117,8 @@ class UsagePage:
         record, tables, now = await self._authenticate(request)
         month = requested_month(request, now)
         async with asyncio.timeout(READ_TIMEOUT_SECONDS):
-            days = await read_days(tables, since=month, until=_month_end(month), key=record.name)
-            used = await _used_now(tables, record.name, now)
+            days, used = await asyncio.gather(read_days(tables, since=month, until=_month_end(month), key=record.name),
+                                              _used_now(tables, record.name, now))
         quota, budget = _limits_state(record, used, now)
         document = {
             "key": record.name,
