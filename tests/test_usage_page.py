@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -21,8 +22,10 @@ from urllib.parse import quote, urlsplit
 import openai
 import pytest
 
+from gateway._usage_page import READ_TIMEOUT_SECONDS
 from tests.browser import Tab, chromium, decode_png
 from tests.harness import Gateway, eventually, http, running_gateway
+from tests.storage_proxy import storage_proxy
 from usage import KeyStore, open_table_service
 from usage._aggregate import Aggregator
 from usage._keys import Limits
@@ -321,3 +324,22 @@ def test_the_page_in_a_headless_browser(gateway: Gateway, teams: Teams, tmp_path
         "/usage", "/usage/data", "/usage/statement.csv"}
     kept = os.environ.get(SCREENSHOT_SETTING)
     (Path(kept) if kept else tmp_path / "usage-page.png").write_bytes(screenshot)
+
+
+def test_storage_down_is_a_503_to_retry(storage: str) -> None:
+    """Table Storage refusing connections once the key is known: an AOAI-shaped 503 with Retry-After, in bounded
+    time, never a traceback; the page's figures come back with storage."""
+    with storage_proxy(storage) as proxy, running_gateway(proxy.connection_string) as gateway:
+        try:
+            assert data(gateway, gateway.key).status == 200
+            proxy.refuse()
+            started = time.monotonic()
+            for path in ("/usage/data", "/usage/statement.csv"):
+                answer = http("GET", gateway.url + path, headers={"api-key": gateway.key}, timeout=30)
+                assert answer.status == 503, answer.text
+                assert answer.json()["error"]["code"] == "ServiceUnavailable"
+                assert int(answer.headers["retry-after"]) >= 1
+            assert time.monotonic() - started < 2 * (READ_TIMEOUT_SECONDS + 1)
+        finally:
+            proxy.restore()
+        assert data(gateway, gateway.key).status == 200
