@@ -23,7 +23,7 @@ from gateway._credentials import TokenProvider
 from gateway._endpoints import Endpoint
 from gateway._exceptions import NotFound, RequestError, UpstreamFailed, UpstreamTimedOut
 from gateway._failover import Failover
-from gateway._quota import REMAINING_HEADER, QuotaGuard
+from gateway._quota import QuotaGuard
 from gateway._records import Usage, UsageRecord, UsageSink, UsageSource
 from gateway._request import Call, completion_reservation, path_deployment, read_call
 from gateway._responses import REQUEST_ID_HEADER, RelayResponse, buffered, error_response, relayed_headers
@@ -118,7 +118,7 @@ class Proxy:
                 context.deployment = call.deployment if is_deployment_name(call.deployment) else "-"
             if key.limits.any and not endpoint.stored:
                 call.reservation = await self._quota.admit(key, estimate=self._reservation_estimate(call))
-                call.response_headers[REMAINING_HEADER] = str(call.reservation.remaining)
+                call.response_headers.update(call.reservation.headers())
             with self._telemetry.current(context.span):
                 return await self._forward(call, context, deadline=deadline)
         except RequestError as exc:
@@ -332,7 +332,7 @@ class Proxy:
     ) -> None:
         usage = usage or Usage()
         if call is not None and call.reservation is not None:
-            call.reservation.settle(usage.total_tokens, until=ended + self._quota.settle_seconds)
+            self._quota.settle(call.reservation, tokens=usage.total_tokens)
         record = UsageRecord(
             request_id=context.request_id, time=context.arrived, key_name=context.key_name,
             deployment=context.deployment, model=model, backend=backend, operation=context.operation,

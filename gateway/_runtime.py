@@ -23,6 +23,7 @@ from gateway import _tokens
 from gateway._affinity import AffinityMap
 from gateway._auth import KeyCache
 from gateway._backends import BackendPool
+from gateway._budget import TableBudgets
 from gateway._contentlog import ContentLog, content_publisher
 from gateway._credentials import TokenProvider
 from gateway._proxy import Proxy
@@ -153,8 +154,9 @@ class GatewayRuntime:
                         previous_secret=settings.key_hash_previous_secret, rehash=store.rehash)
         self._closers.append(keys.close)
         quota = QuotaGuard(TableUsage(tables, timeout=settings.key_lookup_timeout),
-                           cache_seconds=settings.quota_cache_seconds, settle_seconds=settings.quota_settle_seconds,
-                           read_timeout=settings.quota_read_timeout, refresh_timeout=settings.key_lookup_timeout,
+                           TableBudgets(tables, timeout=settings.key_lookup_timeout),
+                           cache_seconds=settings.quota_cache_seconds, read_timeout=settings.quota_read_timeout,
+                           refresh_timeout=settings.key_lookup_timeout, fail_closed=settings.quota_fail_closed,
                            clock=clock, wall_clock=wall_clock)
         self._closers.append(quota.close)
         # a Service Bus send, like an aggregation into the tables, costs milliseconds of CPU whatever its
