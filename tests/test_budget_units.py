@@ -95,7 +95,7 @@ def guard(budgets: MemoryBudgets, clock: FakeClock, usage: FakeUsage | None = No
 
 
 def team(**limits: int) -> KeyRecord:
-    return KeyRecord("team-budget", True, datetime(2026, 1, 1, tzinfo=UTC), Limits(**limits))  # type: ignore[arg-type]
+    return KeyRecord("team-budget", True, datetime(2026, 1, 1, tzinfo=UTC), Limits(**limits))
 
 
 async def settle() -> None:
