@@ -212,7 +212,7 @@ class GatewayRuntime:
         config = settings.service_bus
         if config is None:
             log.info("no Service Bus configured: usage events go straight to the aggregator in this process")
-            return InProcessTransport(Aggregator(tables))
+            return InProcessTransport(Aggregator(tables, prices=settings.prices))
         if config.connection_string is not None:
             try:
                 client = ServiceBusClient.from_connection_string(config.connection_string)

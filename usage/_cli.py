@@ -1,4 +1,5 @@
-"""``python -m usage``: manage subscription keys and their quotas, report usage, read content records."""
+"""``python -m usage``: manage subscription keys and their quotas, report usage and cost, monthly statements,
+read content records."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from usage import _replay
 from usage._config import CONTENT_LOG_SETTING, SettingsError, load_blob_config, load_storage_config, read_environment
 from usage._content import open_blob_service, read_records, render_records
 from usage._keys import KeyRecord, KeyStore, KeyStoreError, Limits
+from usage._prices import load_prices
 from usage._report import GROUPS, group, read_days, render
+from usage._statement import is_month, render_statement, statement_rows
 from usage._tables import open_table_service
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,12 @@ def _day(value: str) -> date:
         raise argparse.ArgumentTypeError(f"{value!r} is not a date like 2026-11-29") from None
 
 
+def _month(value: str) -> str:
+    if not is_month(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a month like 2026-11")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m usage", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +119,12 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--by", choices=GROUPS, default="key")
     report.add_argument("--format", choices=("table", "csv", "json", "chart"), default="table",
                         help="chart: bars of total tokens, e.g. with --by day for usage over time")
+    statement = commands.add_parser("statement", help="a month's tokens and cost per key and deployment "
+                                    "(for chargeback), as table/csv/json")
+    statement.add_argument("--month", type=_month, default=f"{today:%Y-%m}", metavar="YYYY-MM",
+                           help="the month (UTC, default: this month)")
+    statement.add_argument("--key", help="only this key (team)")
+    statement.add_argument("--format", choices=("table", "csv", "json"), default="table")
     content = commands.add_parser("content", help="a key's recorded prompts and completions (CONTENT_LOG)")
     content.add_argument("--key", required=True, help="the key (team) whose records to read")
     content.add_argument("--since", type=_day, default=today, metavar="YYYY-MM-DD",
@@ -193,6 +208,11 @@ async def _report(service: TableServiceClient, args: argparse.Namespace, out: Te
     print(render(group(days, args.by), args.by, args.format), file=out)
 
 
+async def _statement(service: TableServiceClient, args: argparse.Namespace, out: TextIO) -> None:
+    rows = await statement_rows(service, month=args.month, key=args.key)
+    print(render_statement(rows, args.format, args.month), file=out)
+
+
 async def _content(env: dict[str, str], args: argparse.Namespace, out: TextIO) -> int:
     config = load_blob_config(env)
     if config is None:
@@ -221,9 +241,11 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
     try:
         async with open_table_service(config, credential=credential) as service:
             if args.command == "rejects":
-                return await _replay.run(service, args, out)
+                return await _replay.run(service, args, out, prices=load_prices(env))
             if args.command == "report":
                 await _report(service, args, out)
+            elif args.command == "statement":
+                await _statement(service, args, out)
             else:
                 await _keys(KeyStore(service, secret=env.get("KEY_HASH_SECRET", "").encode()), args, out)
     finally:
