@@ -117,7 +117,9 @@ class Proxy:
                 await self._stored.pin(call, key_name=key.name, deadline=deadline)
                 context.deployment = call.deployment if is_deployment_name(call.deployment) else "-"
             if key.limits.any and not endpoint.stored:
-                call.reservation = await self._quota.admit(key, estimate=self._reservation_estimate(call))
+                estimate = self._reservation_estimate(call)
+                cost = self._reservation_cost(call, estimate) if key.limits.budget_nano_per_month is not None else 0
+                call.reservation = await self._quota.admit(key, estimate=estimate, cost_nano=cost)
                 call.response_headers.update(call.reservation.headers())
             with self._telemetry.current(context.span):
                 return await self._forward(call, context, deadline=deadline)
@@ -158,6 +160,19 @@ class Proxy:
     def _reservation_estimate(self, call: Call) -> int:
         """What a request may use: its prompt estimate plus its completion cap, as AOAI's limiter counts."""
         return self._prompt_estimate(call, call.deployment) + completion_reservation(call.body)
+
+    def _reservation_cost(self, call: Call, estimate: int) -> int:
+        """A reservation's price for a money budget: every token at the deployment's output rate (0 unpriced)."""
+        price = self._settings.prices.lookup(call.deployment, None, datetime.fromtimestamp(self._wall_clock(), UTC))
+        return 0 if price is None else estimate * price.output
+
+    def _settled_cost(self, context: _Context, backend: str, usage: Usage) -> int:
+        """What the request cost, as the aggregator prices it (0 when no price is in force)."""
+        arrived = datetime.fromisoformat(context.arrived)
+        price = self._settings.prices.lookup(context.deployment, backend or None, arrived)
+        if price is None:
+            return 0
+        return price.cost_nano(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
 
     # -- upstream --------------------------------------------------------------------------
 
@@ -332,7 +347,8 @@ class Proxy:
     ) -> None:
         usage = usage or Usage()
         if call is not None and call.reservation is not None:
-            self._quota.settle(call.reservation, tokens=usage.total_tokens)
+            cost = self._settled_cost(context, backend, usage) if call.reservation.priced else 0
+            self._quota.settle(call.reservation, tokens=usage.total_tokens, cost_nano=cost)
         record = UsageRecord(
             request_id=context.request_id, time=context.arrived, key_name=context.key_name,
             deployment=context.deployment, model=model, backend=backend, operation=context.operation,

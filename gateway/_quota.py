@@ -59,6 +59,8 @@ FAILED_RETRY_SECONDS = 5.0
 RECHECK_SECONDS = 10.0
 #: write conflicts (412) one lease rides out before it gives up until the next
 MAX_CONFLICTS = 8
+#: shares of a monthly money budget (percent) at which a warning is logged, once per key, month and instance
+BUDGET_WARNINGS = (80, 100)
 _USAGE_COLUMNS = {"tokens": "TotalTokens", "requests": "Requests", "cost": "CostNano"}
 
 
@@ -107,6 +109,11 @@ class Reservation:
     remaining_requests: int | None = None
     settled: bool = False
 
+    @property
+    def priced(self) -> bool:
+        """It holds a money budget's reservation: its settlement needs the request's cost."""
+        return COST_MONTH in self.taken
+
     def headers(self) -> dict[str, str]:
         """The key's own ``x-ratelimit-remaining-*`` (only for what it limits)."""
         headers = {}
@@ -127,6 +134,8 @@ class _KeyState:
     counted_windows: dict[str, str] | None = None
     failed_until: float = float("-inf")  # a failed lease: no request waits for the row until then
     last_lease: float = float("-inf")
+    warned: set[tuple[str, int]] = field(default_factory=set)  # (month, percent) of the budget warnings logged
+    budget: int | None = None  # the key's monthly money budget, as its last admission saw it
 
     def account(self, meter: Meter, period: str) -> Account:
         account = self.accounts.get(meter)
@@ -153,6 +162,7 @@ class QuotaGuard:
         clock: Callable[[], float],
         wall_clock: Callable[[], float],
         fail_closed: bool = False,
+        on_budget_warning: Callable[[str, int], None] | None = None,
     ) -> None:
         self._usage = usage
         self._budgets = budgets
@@ -162,6 +172,7 @@ class QuotaGuard:
         self._clock = clock
         self._wall_clock = wall_clock
         self._fail_closed = fail_closed
+        self._on_budget_warning = on_budget_warning
         self._keys: dict[str, _KeyState] = {}
 
     # -- admission -----------------------------------------------------------------------------
@@ -173,6 +184,7 @@ class QuotaGuard:
         periods = {window: period_start(window, now) for window in WINDOWS}
         needs = self._needs(key, estimate, cost_nano)
         state = self._keys.setdefault(key.name, _KeyState())
+        state.budget = key.limits.budget_nano_per_month
         accounts = {meter: state.account(meter, periods[meter.window]) for meter in needs}
         short = [m for m, need in needs.items() if accounts[m].held < need]
         if short:
@@ -184,6 +196,8 @@ class QuotaGuard:
                 await self._wait_for_lease(key, state, periods, needs, accounts)
             blocked = [m for m, need in needs.items() if accounts[m].held < need]
             if blocked:
+                if COST_MONTH in blocked:
+                    self._warn_budget(key.name, state, accounts[COST_MONTH], spent=True)
                 raise self._refusal(key, accounts, needs, blocked, now)
         for meter, need in needs.items():
             accounts[meter].take(need)
@@ -209,6 +223,24 @@ class QuotaGuard:
                 continue  # that window is over
             used = {"tokens": tokens, "requests": 1, "cost": cost_nano}[meter.unit]
             account.give_back(reserved - used)
+            if meter is COST_MONTH:
+                self._warn_budget(reservation.key, state, account)
+
+    def _warn_budget(self, name: str, state: _KeyState, account: Account, *, spent: bool = False) -> None:
+        """Log (and count) a key passing 80% and 100% of its monthly budget, once each per month and instance."""
+        limit = state.budget
+        if limit is None:
+            return
+        used = max(account.counted, account.known_used() - account.held)
+        for percent in BUDGET_WARNINGS:
+            if (account.period, percent) in state.warned:
+                continue
+            if not ((spent and percent == 100) or used * 100 >= limit * percent):
+                continue
+            state.warned.add((account.period, percent))
+            log.warning("quota: key %s has spent %d%% of its monthly budget (%s)", name, percent, account.period)
+            if self._on_budget_warning is not None:
+                self._on_budget_warning(name, percent)
 
     @staticmethod
     def _limit(key: KeyRecord, meter: Meter) -> int:

@@ -153,15 +153,15 @@ class GatewayRuntime:
                         timeout=settings.key_lookup_timeout, clock=clock, secret=settings.key_hash_secret,
                         previous_secret=settings.key_hash_previous_secret, rehash=store.rehash)
         self._closers.append(keys.close)
+        self.telemetry = Telemetry.from_env(settings.backends)  # exporters from the environment, once per process
         quota = QuotaGuard(TableUsage(tables, timeout=settings.key_lookup_timeout),
                            TableBudgets(tables, timeout=settings.key_lookup_timeout),
                            cache_seconds=settings.quota_cache_seconds, read_timeout=settings.quota_read_timeout,
                            refresh_timeout=settings.key_lookup_timeout, fail_closed=settings.quota_fail_closed,
-                           clock=clock, wall_clock=wall_clock)
+                           clock=clock, wall_clock=wall_clock, on_budget_warning=self.telemetry.budget_warning)
         self._closers.append(quota.close)
         # a Service Bus send, like an aggregation into the tables, costs milliseconds of CPU whatever its
         # size: gather events briefly first, so a burst of requests costs one send (see the constants)
-        self.telemetry = Telemetry.from_env(settings.backends)  # exporters from the environment, once per process
         linger = IN_PROCESS_LINGER if settings.service_bus is None else SERVICE_BUS_LINGER
         self.publisher = UsagePublisher(self._transport(settings, tables, credential),
                                         capacity=settings.usage_buffer_size, linger=linger)

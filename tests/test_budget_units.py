@@ -266,3 +266,24 @@ async def test_money_budget_refuses_when_spent() -> None:
     assert "monthly budget" in caught.value.message
     assert int(caught.value.headers["Retry-After"]) == int(datetime(2026, 12, 1, tzinfo=UTC).timestamp() - NOON)
     assert COST_MONTH.column == "CostMonth"
+
+
+async def test_budget_warnings_at_80_and_100_percent(caplog: pytest.LogCaptureFixture) -> None:
+    """A warning naming the key and its budget at 80% and at 100%, once each per month, counted by the hook."""
+    budgets, clock = MemoryBudgets(), FakeClock()
+    warned: list[tuple[str, int]] = []
+    g = QuotaGuard(FakeUsage(), budgets, cache_seconds=QUOTA_CACHE, read_timeout=NO_WAIT, refresh_timeout=NO_WAIT,
+                   clock=clock, wall_clock=lambda: NOON, on_budget_warning=lambda k, p: warned.append((k, p)))
+    key = team(budget_nano_per_month=1_000_000)
+    for cost in (500_000, 350_000):
+        g.settle(await admit(g, key, 10, cost_nano=cost), tokens=10, cost_nano=cost)
+    assert warned == [("team-budget", 80)]
+    g.settle(await admit(g, key, 10, cost_nano=100_000), tokens=10, cost_nano=100_000)
+    with pytest.raises(QuotaExceeded):
+        await admit(g, key, 10, cost_nano=100_000)
+    with pytest.raises(QuotaExceeded):
+        await admit(g, key, 10, cost_nano=100_000)
+    assert warned == [("team-budget", 80), ("team-budget", 100)]
+    lines = [r.getMessage() for r in caplog.records if "budget" in r.getMessage()]
+    assert len(lines) == 2 and all("team-budget" in line for line in lines)
+    assert "80%" in lines[0] and "100%" in lines[1]

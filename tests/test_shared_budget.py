@@ -9,16 +9,19 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import openai
 import pytest
+from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables import TableServiceClient
 
-from gateway._budget import BUDGET_ROW, BUDGET_TABLE
-from tests.harness import Gateway, running_gateway
+from gateway._budget import BUDGET_ROW, BUDGET_TABLE, window_end
+from tests.harness import Gateway, eventually, running_gateway
 from tests.storage_proxy import StorageProxy, storage_proxy
 from usage._keys import Limits
+from usage._prices import parse_prices
 from usage._tables import as_int
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
@@ -171,3 +174,76 @@ def test_a_busy_key_costs_few_table_operations(storage: str) -> None:
         quota_calls = [p for p in proxy.requests[before:]
                        if BUDGET_TABLE in p or (p.startswith("/devstoreaccount1/usage()") and "select" in p)]
         assert len(quota_calls) / 200 <= 0.2, quota_calls
+
+
+PRICES = parse_prices(json.dumps({"gpt-4o": {"currency": "USD", "input": 2.5, "cached_input": 1.25, "output": 10}}))
+
+
+def next_month_in_seconds() -> float:
+    now = datetime.now(UTC)
+    return (window_end("month", now) - now).total_seconds()
+
+
+def test_monthly_budget_in_money(storage: str) -> None:
+    """keys set-quota --budget-per-month: two gateways admit requests priced at the deployment's output rate until the
+    month's budget is spent (overshoot at most one request's cost per instance), then 429 until next month with a
+    message saying so; warnings name the key and its budget at 80% and 100%."""
+    with two_gateways(storage, prices=PRICES) as (east, west):
+        name = f"team-{uuid.uuid4().hex[:8]}"
+        key = east.create_key(name, Limits(budget_nano_per_month=2_000_000))  # 0.002 USD
+        clients = [client_for(east, key), client_for(west, key)]
+        refused: list[openai.RateLimitError] = []
+        for n in range(40):
+            try:
+                clients[n % 2].chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=20)
+            except openai.RateLimitError as exc:
+                refused.append(exc)
+        price = PRICES.lookup("gpt-4o", None, datetime.now(UTC))
+        assert price is not None
+        records = [r for gw in (east, west) for r in gw.sink.wait(20) if r.status == 200]
+        spent = sum(price.cost_nano(r.prompt_tokens, r.cached_tokens, r.completion_tokens) for r in records)
+        one_request = (8 + 20) * price.output  # a reservation: the prompt estimate and max_tokens at the output rate
+        assert 2_000_000 - 2 * one_request <= spent <= 2_000_000 + 2 * one_request, (spent, len(records))
+        assert len(refused) == 40 - len(records) > 0
+        error = refused[-1].response
+        assert "monthly budget" in error.json()["error"]["message"] and "spent" in error.json()["error"]["message"]
+        assert abs(int(error.headers["retry-after"]) - next_month_in_seconds()) < 120
+        eventually(lambda: sum(name in line and "budget" in line and "100%" in line
+                               for gw in (east, west) for line in gw.logs.lines) >= 1)
+        assert any(name in line and "budget" in line and "80%" in line for gw in (east, west) for line in gw.logs.lines)
+
+
+def test_money_spent_before_the_budget_counts(storage: str) -> None:
+    """The month's cost counted in the usage table (CostNano) before a budget was set counts against it: with a budget
+    below what was already spent, another instance refuses the key's first request."""
+    with running_gateway(storage, prices=PRICES) as gw:
+        name = f"team-{uuid.uuid4().hex[:8]}"
+        key = gw.create_key(name)
+        client = client_for(gw, key)
+        for _ in range(4):
+            client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=20)
+
+        def month_cost() -> int:
+            with TableServiceClient.from_connection_string(storage) as service:
+                rows = service.get_table_client("usage").query_entities(
+                    "PartitionKey eq @pk", parameters={"pk": f"{datetime.now(UTC):%Y-%m}|{name}"})
+                try:
+                    return sum(as_int(r.get("CostNano")) for r in rows if str(r["RowKey"]).startswith("month|"))
+                except ResourceNotFoundError:  # not aggregated yet: no usage table
+                    return 0
+
+        eventually(lambda: month_cost() > 0)
+        spent = month_cost()
+
+        async def lower_budget() -> None:
+            from usage import KeyStore, open_table_service
+
+            async with open_table_service(gw.settings.storage) as service:
+                await KeyStore(service, secret=gw.settings.key_hash_secret).set_limits(
+                    name, Limits(budget_nano_per_month=spent - 1))
+
+        gw.loop.run(lower_budget())
+        with running_gateway(storage, prices=PRICES) as other:  # a new instance: the budget row has no cost yet
+            with pytest.raises(openai.RateLimitError) as caught:
+                client_for(other, key).chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=20)
+            assert "monthly budget" in caught.value.response.json()["error"]["message"]

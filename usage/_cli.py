@@ -21,7 +21,7 @@ from usage import _replay
 from usage._config import CONTENT_LOG_SETTING, SettingsError, load_blob_config, load_storage_config, read_environment
 from usage._content import open_blob_service, read_records, render_records
 from usage._keys import KeyRecord, KeyStore, KeyStoreError, Limits
-from usage._prices import load_prices
+from usage._prices import format_cost, load_prices
 from usage._report import GROUPS, group, read_days, render
 from usage._statement import is_month, render_statement, statement_rows
 from usage._tables import open_table_service
@@ -62,9 +62,8 @@ def _money(value: str) -> int | None:
 
 
 def _amount(nano: int) -> str:
-    """Nano-units as a decimal string in currency units (``12.5``)."""
-    text = f"{Decimal(nano) / _NANO:f}"
-    return text.rstrip("0").rstrip(".") if "." in text else text
+    """Nano-units as a decimal string in currency units (``12.50``)."""
+    return format_cost(nano)
 
 
 def _day(value: str) -> date:
