@@ -32,6 +32,7 @@ from gateway._settings import BackendConfig, Settings, is_deployment_name
 from gateway._sse import StreamRelay
 from gateway._telemetry import Span, Telemetry
 from gateway._timing import Timer
+from usage import KeyRecord
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class Proxy:
         """Answer ``request``, a call of kind ``endpoint``."""
         context = self._context(request, endpoint.operation)
         call: Call | None = None
+        key: KeyRecord | None = None
         try:
             key = await self._keys.authenticate(key_from_headers(request.headers))
             context.key_name = key.name
@@ -133,7 +135,12 @@ class Proxy:
                                  status=500, code="InternalServerError")
             outcome = "gateway_error"
         if context.key_name:  # every authenticated request is counted, refused ones with 0 tokens
-            if call is not None:  # settles any quota reservation too
+            if call is not None and call.reservation is not None:
+                error.headers = {**call.response_headers, **error.headers}
+            elif key is not None and key.limits.any and not (call is not None and call.endpoint.stored):
+                # refused before (or by) admission: the key's remaining figures as this instance knows them
+                error.headers = {**self._quota.remaining_headers(key), **error.headers}
+            elif call is not None:
                 error.headers = {**call.response_headers, **error.headers}
             self._emit(context, call, "", model="", usage=None, source="none", status=error.status,
                        ended=self._clock(), first_byte=None, outcome=outcome)

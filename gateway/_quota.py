@@ -209,6 +209,17 @@ class QuotaGuard:
         reservation.remaining, reservation.remaining_requests = self._remaining(key, accounts)
         return reservation
 
+    def remaining_headers(self, key: KeyRecord) -> dict[str, str]:
+        """The key's ``x-ratelimit-remaining-*`` as this instance knows them, without admitting anything (for an
+        answer refused before admission)."""
+        now = datetime.fromtimestamp(self._wall_clock(), UTC)
+        state = self._keys.setdefault(key.name, _KeyState())
+        accounts = {meter: state.account(meter, period_start(meter.window, now)) for meter in METERS
+                    if limit_of(key.limits, meter) is not None}
+        reservation = Reservation(key.name, {})
+        reservation.remaining, reservation.remaining_requests = self._remaining(key, accounts)
+        return reservation.headers()
+
     def settle(self, reservation: Reservation, *, tokens: int, cost_nano: int = 0) -> None:
         """The request used ``tokens`` and cost ``cost_nano``: give back what it reserved beyond that, or take more."""
         if reservation.settled:

@@ -18,7 +18,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables import TableServiceClient
 
 from gateway._budget import BUDGET_ROW, BUDGET_TABLE, window_end
-from tests.harness import Gateway, eventually, running_gateway
+from tests.harness import Gateway, eventually, http, running_gateway
 from tests.storage_proxy import StorageProxy, storage_proxy
 from usage._keys import Limits
 from usage._prices import parse_prices
@@ -247,3 +247,32 @@ def test_money_spent_before_the_budget_counts(storage: str) -> None:
             with pytest.raises(openai.RateLimitError) as caught:
                 client_for(other, key).chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=20)
             assert "monthly budget" in caught.value.response.json()["error"]["message"]
+
+
+def test_every_answer_of_a_key_with_limits_carries_its_own_remaining(gateway: Gateway) -> None:
+    """Successes and refusals before admission (a bad body, a request too big for the quota) carry the key's own
+    x-ratelimit-remaining-*; a key without limits keeps the backend's and costs no budget row."""
+    name = f"team-{uuid.uuid4().hex[:8]}"
+    key = gateway.create_key(name, Limits(tokens_per_minute=1000, requests_per_minute=100))
+    client = client_for(gateway, key)
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES, max_tokens=20)
+    tokens, requests = own_headers(raw.headers)
+    assert tokens <= 1000 - 28 and requests == 99
+    chat = gateway.url + "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+    headers = {"api-key": key, "content-type": "application/json"}
+    bad = http("POST", chat, headers=headers, body=b"{not json")
+    too_big = http("POST", chat, headers=headers, body=json.dumps({"messages": MESSAGES, "max_tokens": 5000}).encode())
+    for refused in (bad, too_big):
+        assert refused.status == 400, refused.text
+        assert refused.headers["x-ratelimit-remaining-requests"] == "99"
+        assert 0 < int(refused.headers["x-ratelimit-remaining-tokens"]) <= tokens  # settled since: 35 used
+    assert too_big.json()["error"]["code"] == "QuotaTooSmall"
+    free = client_for(gateway, gateway.key).chat.completions.with_raw_response.create(model="gpt-4o",
+                                                                                      messages=MESSAGES)
+    assert free.headers.get_list("x-ratelimit-remaining-tokens") == [BACKEND_TOKENS]
+    free_name = next(r.key_name for r in gateway.sink.wait(4)
+                     if r.request_id == free.headers["x-gateway-request-id"])
+    with TableServiceClient.from_connection_string(gateway.settings.storage.connection_string or "") as service:
+        rows = list(service.get_table_client(BUDGET_TABLE).query_entities(
+            "PartitionKey eq @k", parameters={"k": free_name}))
+    assert rows == []
