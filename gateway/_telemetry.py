@@ -356,7 +356,7 @@ class Telemetry:
     def budget_warning(self, key_name: str, percent: int) -> None:
         """A key passed ``percent`` of its monthly budget (logged by the quota guard)."""
         if self.enabled:
-            self._budget_warnings.add(1, {"aoai_gateway.key": key_name, "aoai_gateway.budget.percent": percent})
+            self._budget_warnings.add(1, {"aoai_gateway.key_name": key_name, "aoai_gateway.budget.percent": percent})
 
     def refused(self, span: Span | None, error: RequestError) -> None:
         """The gateway answered ``error`` itself; a quota refusal is counted."""
