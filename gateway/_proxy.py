@@ -121,7 +121,8 @@ class Proxy:
             if key.limits.any and not endpoint.stored:
                 estimate = self._reservation_estimate(call)
                 cost = self._reservation_cost(call, estimate) if key.limits.budget_nano_per_month is not None else 0
-                call.reservation = await self._quota.admit(key, estimate=estimate, cost_nano=cost)
+                call.reservation = await self._quota.admit(
+                    key, estimate=estimate, cost_nano=cost, arrived=datetime.fromisoformat(context.arrived).timestamp())
                 call.response_headers.update(call.reservation.headers())
             with self._telemetry.current(context.span):
                 return await self._forward(call, context, deadline=deadline)

@@ -177,10 +177,14 @@ class QuotaGuard:
 
     # -- admission -----------------------------------------------------------------------------
 
-    async def admit(self, key: KeyRecord, *, estimate: int, cost_nano: int = 0) -> Reservation:
+    async def admit(self, key: KeyRecord, *, estimate: int, cost_nano: int = 0, arrived: float | None = None
+                    ) -> Reservation:
         """Reserve ``estimate`` tokens, one request and ``cost_nano`` for ``key``, or raise ``QuotaExceeded``
-        (429), ``QuotaUnavailable`` (503, failing closed) or ``BadRequest`` (a request no window can hold)."""
-        now = datetime.fromtimestamp(self._wall_clock(), UTC)
+        (429), ``QuotaUnavailable`` (503, failing closed) or ``BadRequest`` (a request no window can hold).
+
+        ``arrived`` (wall-clock seconds) picks the windows, as the aggregator does with the event's time.
+        """
+        now = datetime.fromtimestamp(self._wall_clock() if arrived is None else arrived, UTC)
         periods = {window: period_start(window, now) for window in WINDOWS}
         needs = self._needs(key, estimate, cost_nano)
         state = self._keys.setdefault(key.name, _KeyState())
