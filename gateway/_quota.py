@@ -195,7 +195,8 @@ class QuotaGuard:
             blocked = [m for m in short if self._known_blocked(key, m, accounts[m], needs[m])]
             if blocked:
                 if self._clock() >= state.last_lease + RECHECK_SECONDS and state.leasing is None:
-                    self._lease(key, state, periods, needs)  # a slice handed back may let it in later
+                    state.etag = None  # read the row afresh: a slice handed back may let it in later
+                    self._lease(key, state, periods, needs)
             else:
                 await self._wait_for_lease(key, state, periods, needs, accounts)
             blocked = [m for m, need in needs.items() if accounts[m].held < need]

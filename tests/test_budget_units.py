@@ -25,7 +25,7 @@ from gateway._budget import (
     slice_to_lease,
 )
 from gateway._exceptions import QuotaExceeded, QuotaUnavailable
-from gateway._quota import QuotaGuard, Reservation
+from gateway._quota import RECHECK_SECONDS, QuotaGuard, Reservation
 from tests.harness import FakeClock
 from usage import KeyRecord, Limits
 
@@ -287,3 +287,28 @@ async def test_budget_warnings_at_80_and_100_percent(caplog: pytest.LogCaptureFi
     lines = [r.getMessage() for r in caplog.records if "budget" in r.getMessage()]
     assert len(lines) == 2 and all("team-budget" in line for line in lines)
     assert "80%" in lines[0] and "100%" in lines[1]
+
+
+async def test_a_slice_handed_back_is_found_by_a_refused_instance() -> None:
+    """An instance stopping hands its unused slice back; another, refused meanwhile, finds it within
+    RECHECK_SECONDS without a Table call per refusal."""
+    budgets, clock = MemoryBudgets(), FakeClock()
+    key = team(tokens_per_day=1000)
+    first, second = guard(budgets, clock), guard(budgets, clock)
+    await admit(first, key, 100)  # leases 500, holds 400
+    await settle()
+    with pytest.raises(QuotaExceeded):
+        for _ in range(10):
+            await admit(second, key, 100)  # leases what is left, by halves
+            await settle()
+    operations = budgets.operations
+    for _ in range(20):
+        with pytest.raises(QuotaExceeded):
+            await admit(second, key, 100)
+    assert budgets.operations - operations <= 1
+    await first.close()  # hands back 400
+    clock.advance(RECHECK_SECONDS)
+    with pytest.raises(QuotaExceeded):
+        await admit(second, key, 100)  # starts the re-read, in the background
+    await settle()
+    await admit(second, key, 100)
