@@ -23,7 +23,7 @@ from gateway._credentials import TokenProvider
 from gateway._endpoints import Endpoint
 from gateway._exceptions import NotFound, RequestError, UpstreamFailed, UpstreamTimedOut
 from gateway._failover import Failover
-from gateway._quota import QuotaGuard
+from gateway._quota import QUOTA_HEADERS, QuotaGuard
 from gateway._records import Usage, UsageRecord, UsageSink, UsageSource
 from gateway._request import Call, completion_reservation, path_deployment, read_call
 from gateway._responses import REQUEST_ID_HEADER, RelayResponse, buffered, error_response, relayed_headers
@@ -124,6 +124,8 @@ class Proxy:
                 call.reservation = await self._quota.admit(
                     key, estimate=estimate, cost_nano=cost, arrived=datetime.fromisoformat(context.arrived).timestamp())
                 call.response_headers.update(call.reservation.headers())
+            elif key.limits.any:  # a call on a stored response uses no quota, but says what is left
+                call.response_headers.update(self._quota.remaining_headers(key))
             with self._telemetry.current(context.span):
                 return await self._forward(call, context, deadline=deadline)
         except RequestError as exc:
@@ -136,12 +138,10 @@ class Proxy:
                                  status=500, code="InternalServerError")
             outcome = "gateway_error"
         if context.key_name:  # every authenticated request is counted, refused ones with 0 tokens
-            if call is not None and call.reservation is not None:
-                error.headers = {**call.response_headers, **error.headers}
-            elif key is not None and key.limits.any and not (call is not None and call.endpoint.stored):
+            if key is not None and key.limits.any and not (call and call.response_headers.keys() & QUOTA_HEADERS):
                 # refused before (or by) admission: the key's remaining figures as this instance knows them
                 error.headers = {**self._quota.remaining_headers(key), **error.headers}
-            elif call is not None:
+            if call is not None:
                 error.headers = {**call.response_headers, **error.headers}
             self._emit(context, call, "", model="", usage=None, source="none", status=error.status,
                        ended=self._clock(), first_byte=None, outcome=outcome)
@@ -163,7 +163,10 @@ class Proxy:
         now = self._clock()
         self._emit(context, None, "", model="", usage=None, source="none", status=200, ended=now, first_byte=now,
                    outcome="complete")
-        return buffered(200, body, {"content-type": "application/json", REQUEST_ID_HEADER: context.request_id})
+        headers = {"content-type": "application/json", REQUEST_ID_HEADER: context.request_id}
+        if key.limits.any:
+            headers.update(self._quota.remaining_headers(key))
+        return buffered(200, body, headers)
 
     def _reservation_estimate(self, call: Call) -> int:
         """What a request may use: its prompt estimate plus its completion cap, as AOAI's limiter counts."""

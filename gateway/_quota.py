@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 REMAINING_HEADER = "x-ratelimit-remaining-tokens"
 REMAINING_REQUESTS_HEADER = "x-ratelimit-remaining-requests"
+QUOTA_HEADERS = frozenset({REMAINING_HEADER, REMAINING_REQUESTS_HEADER})
 #: after a failed lease, the row is tried again only after this long (requests meanwhile do not wait)
 FAILED_RETRY_SECONDS = 5.0
 #: a key refused by what the instance knows re-reads its row at most this often (slices handed back)

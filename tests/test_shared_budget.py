@@ -250,8 +250,8 @@ def test_money_spent_before_the_budget_counts(storage: str) -> None:
 
 
 def test_every_answer_of_a_key_with_limits_carries_its_own_remaining(gateway: Gateway) -> None:
-    """Successes and refusals before admission (a bad body, a request too big for the quota) carry the key's own
-    x-ratelimit-remaining-*; a key without limits keeps the backend's and costs no budget row."""
+    """Successes, refusals before admission (a bad body, a request too big for the quota) and the models list carry
+    the key's own x-ratelimit-remaining-*; a key without limits keeps the backend's and costs no budget row."""
     name = f"team-{uuid.uuid4().hex[:8]}"
     key = gateway.create_key(name, Limits(tokens_per_minute=1000, requests_per_minute=100))
     client = client_for(gateway, key)
@@ -267,6 +267,8 @@ def test_every_answer_of_a_key_with_limits_carries_its_own_remaining(gateway: Ga
         assert refused.headers["x-ratelimit-remaining-requests"] == "99"
         assert 0 < int(refused.headers["x-ratelimit-remaining-tokens"]) <= tokens  # settled since: 35 used
     assert too_big.json()["error"]["code"] == "QuotaTooSmall"
+    models = http("GET", gateway.url + "/openai/v1/models", headers={"api-key": key})
+    assert models.status == 200 and models.headers["x-ratelimit-remaining-requests"] == "99"
     free = client_for(gateway, gateway.key).chat.completions.with_raw_response.create(model="gpt-4o",
                                                                                       messages=MESSAGES)
     assert free.headers.get_list("x-ratelimit-remaining-tokens") == [BACKEND_TOKENS]
