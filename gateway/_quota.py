@@ -139,8 +139,10 @@ class _KeyState:
     budget: int | None = None  # the key's monthly money budget, as its last admission saw it
 
     def account(self, meter: Meter, period: str) -> Account:
+        """The meter's account for ``period``; a request that arrived in a window already over (admitted just
+        after its end, behind a newer one) is counted in the current window instead."""
         account = self.accounts.get(meter)
-        if account is None or account.period != period:  # a new window: nothing held, nothing known
+        if account is None or account.period < period:  # a new window: nothing held, nothing known
             account = self.accounts[meter] = Account(period)
         return account
 

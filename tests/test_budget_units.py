@@ -312,3 +312,17 @@ async def test_a_slice_handed_back_is_found_by_a_refused_instance() -> None:
         await admit(second, key, 100)  # starts the re-read, in the background
     await settle()
     await admit(second, key, 100)
+
+
+async def test_a_request_that_arrived_in_the_last_minute_does_not_reset_the_new_one() -> None:
+    """Windows come from the arrival time; one admitted just after its minute ended, behind a request of the new
+    minute, is counted in the new minute, whose slice it does not throw away."""
+    budgets, clock = MemoryBudgets(), FakeClock()
+    key = team(tokens_per_minute=10_000)
+    g = guard(budgets, clock)
+    first = await g.admit(key, estimate=100, arrived=NOON)
+    await settle()
+    operations = budgets.operations
+    late = await g.admit(key, estimate=100, arrived=NOON - 31)  # 11:59:59
+    assert late.taken[TOKENS_MINUTE][0] == first.taken[TOKENS_MINUTE][0] == "2026-11-30T12:00"
+    assert late.remaining == 10_000 - 200 and budgets.operations == operations
