@@ -105,7 +105,8 @@ class Settings:
     service_bus: ServiceBusConfig | None = None
     usage_buffer_size: int = 10_000
     quota_cache_seconds: float = 5.0
-    quota_settle_seconds: float = 30.0
+    #: a key's shared quota that cannot be leased (storage down): 503 instead of admitting from what is known
+    quota_fail_closed: bool = False
     quota_read_timeout: float = 0.5
     #: where content records go (``CONTENT_LOG``); ``None``: nothing is recorded, whatever the keys say
     content_log: BlobStorageConfig | None = None
@@ -149,6 +150,17 @@ def _integer(env: Mapping[str, str], name: str, default: int, *, minimum: int = 
     if value < minimum:
         raise SettingsError(name, f"must be at least {minimum}, not {value}")
     return value
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("true", "1", "yes"):
+        return True
+    if raw in ("false", "0", "no"):
+        return False
+    raise SettingsError(name, f"must be true or false, not {raw!r}")
 
 
 def _seconds(value: Any, where: str) -> float:
@@ -303,7 +315,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         service_bus=load_service_bus(env),
         usage_buffer_size=_integer(env, "USAGE_BUFFER_SIZE", 10_000),
         quota_cache_seconds=_number(env, "QUOTA_CACHE_SECONDS", 5.0),
-        quota_settle_seconds=_number(env, "QUOTA_SETTLE_SECONDS", 30.0),
+        quota_fail_closed=_flag(env, "QUOTA_FAIL_CLOSED", False),
         quota_read_timeout=_number(env, "QUOTA_READ_TIMEOUT_SECONDS", 0.5, minimum=0.001),
         content_log=load_blob_config(env),
         content_log_max_bytes=_integer(env, "CONTENT_LOG_MAX_BYTES", 1024 * 1024, minimum=4096),

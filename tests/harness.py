@@ -197,7 +197,7 @@ SETTING_WRITERS: dict[str, Callable[[Any], dict[str, str]]] = {
            else {"ServiceBusConnection__fullyQualifiedNamespace": v.fully_qualified_namespace})},
     "usage_buffer_size": lambda v: {"USAGE_BUFFER_SIZE": str(v)},
     "quota_cache_seconds": lambda v: {"QUOTA_CACHE_SECONDS": _seconds(v)},
-    "quota_settle_seconds": lambda v: {"QUOTA_SETTLE_SECONDS": _seconds(v)},
+    "quota_fail_closed": lambda v: {"QUOTA_FAIL_CLOSED": "true" if v else "false"},
     "content_log": lambda v: {} if v is None else (
         {"CONTENT_LOG": v.connection_string} if v.connection_string is not None
         else {"CONTENT_LOG__blobServiceUri": v.blob_service_uri}),
