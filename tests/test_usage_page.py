@@ -107,7 +107,8 @@ class Teams:
         self.gateway = gateway
         suffix = uuid.uuid4().hex[:8]
         self.name, self.other_name = f"page-team-{suffix}", f"page-other-{suffix}"
-        self.key = gateway.create_key(self.name, Limits(tokens_per_minute=100_000, tokens_per_month=5_000_000))
+        self.key = gateway.create_key(self.name, Limits(tokens_per_minute=100_000, tokens_per_month=5_000_000,
+                                                        requests_per_minute=600, budget_nano_per_month=2 * 10**9))
         self.other_key = gateway.create_key(self.other_name)
         now = datetime.now(UTC)
         self.month, self.previous = months(now)
@@ -171,7 +172,10 @@ def test_data_is_the_keys_own_usage_by_day_and_deployment(gateway: Gateway, team
     assert quota["tokens_per_month"] == {"limit": 5_000_000, "window": "month", "used": sum(teams.tokens.values()),
                                          "resets": f"{next_month:%Y-%m}-01T00:00:00+00:00"}
     assert quota["tokens_per_day"]["limit"] is None
-    assert all(state["limit"] is None for state in document["budget"].values())  # none set for this key
+    assert quota["requests_per_minute"]["limit"] == 600
+    assert document["budget"] == {"budget_per_month": {
+        "limit": "2.00", "window": "month", "used": format_cost(sum(teams.cost.values())), "currency": "USD",
+        "resets": f"{next_month:%Y-%m}-01T00:00:00+00:00"}}
 
     previous = data(gateway, teams.key, f"?month={teams.previous}").json()
     assert previous["month"] == teams.previous and previous["key"] == teams.name
@@ -281,7 +285,9 @@ async def _look_at_the_page(tab: Tab, gateway: Gateway, teams: Teams, downloads:
             assert bars == (len(tokens) if month == teams.month else len(teams.previous_days)), (month, kind)
     limits = await tab.evaluate(
         "[...document.querySelectorAll('#limits-table tbody tr')].map(r => [r.dataset.limit, r.cells[2].textContent])")
+    assert limits[0] == ["budget_per_month", "USD 2.00"]
     assert ["tokens_per_minute", "100,000"] in limits and ["tokens_per_day", "no limit"] in limits
+    assert ["requests_per_minute", "600"] in limits
 
     # the statement downloads with the key in a header, never in a URL
     await tab.click(f'a.download[data-month="{teams.previous}"]')
