@@ -28,7 +28,7 @@ from devkit._serve import front_options
 from devkit.services import free_port, wait_for_port
 from devkit.simulator import SimulatedRegion
 from gateway import BackendConfig, Settings
-from tests.fakes import RecordedUsage, SharedClock
+from tests.fakes import CLOCK_START, RecordedUsage, SharedClock
 from usage import KeyStore, StorageConfig, open_table_service
 from usage._keys import Limits
 
@@ -116,7 +116,10 @@ class CapturedLogs(logging.Handler):
 @dataclass
 class Gateway:
     """The local host serving function_app.py through the real runtime in a worker process, with its
-    simulated regions, a valid key, the worker's shared clock and the usage it recorded."""
+    simulated regions, a valid key, the worker's shared clock and the usage it recorded.
+
+    ``clock.advance(s)`` moves the worker's monotonic clock and its wall clock (real time plus the
+    advances) alike: key expiry and grace periods, quota windows and the events' times move with it."""
 
     url: str
     key: str
@@ -279,7 +282,7 @@ def running_gateway(
 
     key = loop.run(create_key())
     scratch = Path(tempfile.mkdtemp(prefix="gateway-test-"))
-    clock = SharedClock(scratch / "clock", start=1000.0)
+    clock = SharedClock(scratch / "clock", start=CLOCK_START)
     app_settings = {k: v for k, v in os.environ.items() if not k.startswith(_HOST_ONLY)}
     # the queue trigger runs only where a test turns it on (it would take the events tests look for)
     app_settings.update({"FUNCTIONS_WORKER_RUNTIME": "python", "USAGE_QUEUE_NAME": "usage-events",
