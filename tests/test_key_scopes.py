@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -62,7 +63,7 @@ def test_a_scoped_key_calls_only_its_deployments_on_every_route(storage: str) ->
         assert azure.responses.create(model="gpt-4o", input="hello").output_text
         before = sent(gw)
 
-        calls = [
+        calls: list[Callable[[], object]] = [
             lambda: azure.chat.completions.create(model="gpt-35", messages=MESSAGES),  # deployment in the path
             lambda: azure.chat.completions.create(model="gpt-35", messages=MESSAGES, stream=True),
             lambda: azure.embeddings.create(model="gpt-35", input="hello"),
@@ -130,8 +131,10 @@ def test_a_stored_response_is_reached_only_by_keys_scoped_to_the_deployment_that
         assert client.responses.retrieve(made.id).id == made.id
     before = sent(gateway)
     outsider = openai.AzureOpenAI(azure_endpoint=gateway.url, api_key=other, api_version=PREVIEW, max_retries=0)
-    for call in (lambda: outsider.responses.retrieve(made.id), lambda: outsider.responses.delete(made.id),
-                 lambda: outsider.responses.cancel(made.id), lambda: outsider.responses.input_items.list(made.id)):
+    stored: list[Callable[[], object]] = [
+        lambda: outsider.responses.retrieve(made.id), lambda: outsider.responses.delete(made.id),
+        lambda: outsider.responses.cancel(made.id), lambda: outsider.responses.input_items.list(made.id)]
+    for call in stored:
         with pytest.raises(openai.PermissionDeniedError) as caught:
             call()
         refused(caught.value, "gpt-4o", other)
