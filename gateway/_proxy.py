@@ -113,10 +113,13 @@ class Proxy:
             call = await read_call(request, self._settings, self._timer, endpoint=endpoint)
             context.deployment = call.deployment if is_deployment_name(call.deployment) else "-"
             deadline = context.started + self._settings.request_deadline
+            if not endpoint.stored:  # the key's scope, before anything goes upstream
+                check_scope(key, call.deployment)
             if endpoint.operation.startswith("responses"):
                 await self._stored.pin(call, key_name=key.name, deadline=deadline)
                 context.deployment = call.deployment if is_deployment_name(call.deployment) else "-"
-            check_scope(key, call.deployment, response_id=call.response_id)
+                if endpoint.stored:  # by the deployment that made the response
+                    check_scope(key, call.deployment, response_id=call.response_id)
             if key.limits.any and not endpoint.stored:
                 call.reservation = await self._quota.admit(key, estimate=self._reservation_estimate(call))
                 call.response_headers[REMAINING_HEADER] = str(call.reservation.remaining)

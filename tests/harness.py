@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -131,13 +132,16 @@ class Gateway:
     logs: CapturedLogs
     host: FunctionsHost
 
-    def create_key(self, name: str, limits: Limits | None = None, *, log_content: bool = False) -> str:
-        """A new subscription key (with quotas, and content logging when asked) in the gateway's key table."""
+    def create_key(self, name: str, limits: Limits | None = None, *, log_content: bool = False,
+                   deployments: frozenset[str] | None = None, expires_at: datetime | None = None) -> str:
+        """A new subscription key (with quotas, content logging, a scope and an expiry when asked) in the
+        gateway's key table."""
 
         async def create() -> str:
             async with open_table_service(self.settings.storage) as service:
                 store = KeyStore(service, secret=self.settings.key_hash_secret)
-                return await store.create(name, limits=limits or Limits(), log_content=log_content)
+                return await store.create(name, limits=limits or Limits(), log_content=log_content,
+                                          deployments=deployments, expires_at=expires_at)
 
         return self.loop.run(create())
 

@@ -17,7 +17,7 @@ from gateway._auth import check_scope
 from gateway._exceptions import Forbidden
 from gateway._settings import BackendConfig
 from tests.harness import Gateway, http, running_gateway
-from usage import KeyRecord, KeyStore, open_table_service
+from usage import KeyRecord
 
 MESSAGES: Any = [{"role": "user", "content": "Say hello"}]
 PREVIEW = "2025-04-01-preview"
@@ -27,12 +27,7 @@ SERVED = {"gpt-4o": "gpt-4o", "gpt-35": "gpt-35", "embed": "embed"}
 
 def make_key(gw: Gateway, deployments: frozenset[str] | None) -> tuple[str, str]:
     name = f"team-{uuid.uuid4().hex[:10]}"
-
-    async def create() -> str:
-        async with open_table_service(gw.settings.storage) as service:
-            return await KeyStore(service, secret=gw.settings.key_hash_secret).create(name, deployments=deployments)
-
-    return name, gw.loop.run(create())
+    return name, gw.create_key(name, deployments=deployments)
 
 
 def with_deployments(backends: tuple[BackendConfig, ...]) -> tuple[BackendConfig, ...]:
@@ -144,6 +139,9 @@ def test_a_stored_response_is_reached_only_by_keys_scoped_to_the_deployment_that
     follow = openai.OpenAI(base_url=gateway.url + "/openai/v1", api_key=other, max_retries=0)
     with pytest.raises(openai.PermissionDeniedError):
         follow.responses.create(model="gpt-4o", input="more", previous_response_id=made.id)
+    with pytest.raises(openai.PermissionDeniedError):  # refused before any backend is asked where it lives
+        follow.responses.create(model="gpt-4o", input="more", previous_response_id="resp_nobody_knows")
+    assert sent(gateway) == before
 
 
 def test_a_scoped_key_is_refused_a_stored_response_whose_deployment_is_unknown() -> None:

@@ -236,11 +236,11 @@ async def _keys(store: KeyStore, args: argparse.Namespace, out: TextIO) -> None:
         print(f"Revoked {args.name}", file=out)
     elif args.action == "rotate":
         key = await store.rotate(args.name, grace=timedelta(hours=args.grace))
+        _warn_past((await store.get(args.name)).expires_at)  # carried over: set-expiry changes it
         if args.json:
             print(json.dumps({"name": args.name, "key": key}), file=out)
         else:
-            record = await store.get(args.name)
-            until = _previous_until(record, datetime.now(UTC))
+            until = _previous_until(await store.get(args.name), datetime.now(UTC))
             previous = "stops working now" if until is None else f"keeps working until {_iso(until)}"
             print(f"Rotated key of {args.name}; the previous key {previous}. The new key is shown once; "
                   f"store it now:\n{key}", file=out)
