@@ -190,3 +190,25 @@ def test_a_key_in_its_grace_period_moves_to_a_new_key_hash_secret(storage: str) 
         gw.clock.advance(HOUR + 60)
         assert "expired" in refused(gw, first)
         assert chat(gw, second).choices
+
+
+def test_scopes_are_set_and_changed_from_the_cli(storage: str) -> None:
+    with running_gateway(storage, key_cache_seconds=0, key_stale_seconds=0) as gw:
+        name = unique("scoped")
+        done = cli(gw, "create", "--name", name, "--deployments", "gpt-4o, embed")
+        assert done.returncode == 0 and "deployments embed,gpt-4o" in done.stdout
+        key = done.stdout.strip().splitlines()[-1]
+        assert chat(gw, key).choices
+        with pytest.raises(openai.PermissionDeniedError):
+            chat(gw, key, model="gpt-35")
+        assert cli(gw, "set-scope", name, "gpt-35").returncode == 0
+        assert chat(gw, key, model="gpt-35").choices
+        with pytest.raises(openai.PermissionDeniedError):
+            chat(gw, key)
+        assert listed(gw, name)["deployments"] == ["gpt-35"]
+        assert cli(gw, "set-scope", name, "all").returncode == 0
+        assert chat(gw, key).choices and listed(gw, name)["deployments"] is None
+        for bad in ("gpt 4o", ",", "a/b"):
+            refused_scope = cli(gw, "create", "--name", unique("bad"), "--deployments", bad)
+            assert refused_scope.returncode == 2 and "deployment" in refused_scope.stderr
+            assert "Traceback" not in refused_scope.stderr

@@ -68,6 +68,10 @@ def _scope(value: str) -> frozenset[str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _scope_or_all(value: str) -> frozenset[str] | None:
+    return None if value.strip().lower() == "all" else _scope(value)
+
+
 def _hours(value: str) -> float:
     try:
         hours = float(value)
@@ -114,6 +118,10 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"hours the current key keeps working (default {DEFAULT_GRACE_HOURS:g}; 0: it stops "
                         "as a revoked key does); a key replaced by an earlier rotation stops at once")
     rotate.add_argument("--json", action="store_true", help='print {"name", "key"}')
+    scope = actions.add_parser("set-scope", help="change the deployments a key may call (gateways notice within "
+                               "KEY_CACHE_SECONDS)")
+    scope.add_argument("name")
+    scope.add_argument("deployments", type=_scope_or_all, metavar="A,B|all")
     expiry = actions.add_parser("set-expiry", help="change when a key stops working ('none': never)")
     expiry.add_argument("name")
     expiry.add_argument("expires", type=_expiry, metavar="WHEN|none", help=_EXPIRES_HELP)
@@ -244,6 +252,10 @@ async def _keys(store: KeyStore, args: argparse.Namespace, out: TextIO) -> None:
             previous = "stops working now" if until is None else f"keeps working until {_iso(until)}"
             print(f"Rotated key of {args.name}; the previous key {previous}. The new key is shown once; "
                   f"store it now:\n{key}", file=out)
+    elif args.action == "set-scope":
+        await store.set_scope(args.name, args.deployments)
+        scope = "all" if args.deployments is None else ",".join(sorted(args.deployments))
+        print(f"Deployments of {args.name}: {scope}", file=out)
     elif args.action == "set-expiry":
         await store.set_expiry(args.name, args.expires)
         _warn_past(args.expires)

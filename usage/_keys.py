@@ -307,6 +307,14 @@ class KeyStore:
         await self._submit([_replace(_with_scope(dict(row), _deployments(row), expires_at), row) for row in rows],
                            name)
 
+    async def set_scope(self, name: str, deployments: frozenset[str] | None) -> None:
+        """Limit ``name``'s keys to ``deployments`` (``None``: all)."""
+        if deployments is not None:
+            deployments = checked_scope(deployments)
+        rows = await self._all_rows(name)
+        await self._submit([_replace(_with_scope(dict(row), deployments, _moment(row, EXPIRES_AT)), row)
+                            for row in rows], name)
+
     async def rotate(self, name: str, *, grace: timedelta, now: datetime | None = None) -> str:
         """A new key for ``name`` (returned once) with the current key's quotas, scope, expiry and logging;
         the current key keeps working for ``grace`` (0: it stops at once, as gateways notice a revocation).
