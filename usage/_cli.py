@@ -48,12 +48,16 @@ def _day(value: str) -> date:
 
 def _moment(value: str) -> datetime:
     """``--expires``: an ISO 8601 date (00:00 UTC that day) or date-time (UTC unless it gives an offset)."""
+    moment: datetime | None
     try:
         moment = datetime.fromisoformat(value.strip())
-    except ValueError:
+        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except (ValueError, OverflowError):
+        moment = None
+    if moment is None or moment.year < 1601:  # Table Storage's DateTime starts in 1601
         raise argparse.ArgumentTypeError(
-            f"{value!r} is not an ISO 8601 date or date-time like 2026-12-31 or 2026-12-31T18:00:00Z") from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+            f"{value!r} is not an ISO 8601 date or date-time like 2026-12-31 or 2026-12-31T18:00:00Z")
+    return moment
 
 
 def _expiry(value: str) -> datetime | None:
@@ -77,14 +81,15 @@ def _hours(value: str) -> float:
         hours = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number of hours") from None
-    if not hours >= 0 or hours == float("inf"):
-        raise argparse.ArgumentTypeError("the grace period must be 0 or more hours")
+    if not 0 <= hours <= MAX_GRACE_HOURS:  # NaN too
+        raise argparse.ArgumentTypeError(f"the grace period must be 0 to {MAX_GRACE_HOURS:g} hours")
     return hours
 
 
 _EXPIRES_HELP = ("when the key stops working: an ISO 8601 date (meaning 00:00 UTC that day) or date-time "
                  "(UTC unless it has an offset), e.g. 2026-12-31 or 2026-12-31T18:00:00+01:00")
 DEFAULT_GRACE_HOURS = 24.0
+MAX_GRACE_HOURS = 8760.0  # a year
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -244,11 +249,12 @@ async def _keys(store: KeyStore, args: argparse.Namespace, out: TextIO) -> None:
         print(f"Revoked {args.name}", file=out)
     elif args.action == "rotate":
         key = await store.rotate(args.name, grace=timedelta(hours=args.grace))
-        _warn_past((await store.get(args.name)).expires_at)  # carried over: set-expiry changes it
+        record = await store.get(args.name)
+        _warn_past(record.expires_at)  # carried over from the replaced key: set-expiry changes it
         if args.json:
             print(json.dumps({"name": args.name, "key": key}), file=out)
         else:
-            until = _previous_until(await store.get(args.name), datetime.now(UTC))
+            until = _previous_until(record, datetime.now(UTC))
             previous = "stops working now" if until is None else f"keeps working until {_iso(until)}"
             print(f"Rotated key of {args.name}; the previous key {previous}. The new key is shown once; "
                   f"store it now:\n{key}", file=out)
