@@ -3,6 +3,10 @@
 A key's answer is kept per instance. Known keys are re-checked in the background, never on the
 request path, and keep being served while Table Storage cannot be reached (up to a limit); a key
 the instance has not seen waits for its lookup at most a few seconds, then gets a 503.
+
+A key's expiry (and the end of a rotated-out key's grace period) is compared with the wall clock on
+every request, cached answer or not; its scope (the deployments it may call) is checked by
+``check_scope`` once the request's deployment is known.
 """
 
 from __future__ import annotations
