@@ -153,7 +153,8 @@ class GatewayRuntime:
         store = KeyStore(tables, secret=settings.key_hash_secret, lookup_timeout=settings.key_lookup_timeout)
         keys = KeyCache(store, ttl=settings.key_cache_seconds, stale=settings.key_stale_seconds,
                         timeout=settings.key_lookup_timeout, clock=clock, secret=settings.key_hash_secret,
-                        previous_secret=settings.key_hash_previous_secret, rehash=store.rehash)
+                        previous_secret=settings.key_hash_previous_secret, rehash=store.rehash,
+                        wall_clock=wall_clock)
         self._closers.append(keys.close)
         quota = QuotaGuard(TableUsage(tables, timeout=settings.key_lookup_timeout),
                            cache_seconds=settings.quota_cache_seconds, settle_seconds=settings.quota_settle_seconds,
