@@ -156,7 +156,8 @@ class GatewayRuntime:
         store = KeyStore(tables, secret=settings.key_hash_secret, lookup_timeout=settings.key_lookup_timeout)
         keys = KeyCache(store, ttl=settings.key_cache_seconds, stale=settings.key_stale_seconds,
                         timeout=settings.key_lookup_timeout, clock=clock, secret=settings.key_hash_secret,
-                        previous_secret=settings.key_hash_previous_secret, rehash=store.rehash)
+                        previous_secret=settings.key_hash_previous_secret, rehash=store.rehash,
+                        wall_clock=wall_clock)
         self._closers.append(keys.close)
         self.keys, self.wall_clock = keys, wall_clock
         self.telemetry = Telemetry.from_env(settings.backends)  # exporters from the environment, once per process
