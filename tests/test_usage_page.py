@@ -225,6 +225,39 @@ def test_a_missing_wrong_or_revoked_key_gets_401(gateway: Gateway) -> None:
             assert set(answer.json()["error"]) == {"code", "message"}
 
 
+def test_an_expired_key_gets_401(gateway: Gateway) -> None:
+    """A key past its expiry is refused by the page's endpoints as by an AOAI call, even once cached."""
+    name = f"page-expiring-{uuid.uuid4().hex[:8]}"
+    key = gateway.create_key(name, expires_at=datetime.now(UTC) + timedelta(hours=1))
+    assert data(gateway, key).json()["key"] == name
+    gateway.clock.advance(2 * 3600)  # the worker's wall clock moves with it
+    for path in ("/usage/data", "/usage/statement.csv"):
+        answer = http("GET", gateway.url + path, headers={"api-key": key})
+        assert answer.status == 401, answer.text
+        assert set(answer.json()["error"]) == {"code", "message"}
+
+
+def test_a_rotated_name_shows_both_keys_usage(gateway: Gateway) -> None:
+    """After `keys rotate`, the new key and the old one (in its grace period) see the same name's usage: the
+    requests made with either."""
+    name = f"page-rotating-{uuid.uuid4().hex[:8]}"
+    old = gateway.create_key(name)
+    chat(gateway, old, "gpt-4o", "Before the rotation.")
+
+    async def rotate() -> str:
+        async with open_table_service(gateway.settings.storage) as service:
+            return await KeyStore(service, secret=gateway.settings.key_hash_secret).rotate(
+                name, grace=timedelta(hours=1))
+
+    new = gateway.loop.run(rotate())
+    chat(gateway, new, "gpt-4o", "After the rotation.")
+    eventually(lambda: data(gateway, new).json()["totals"]["requests"] == 2,
+               message=lambda: data(gateway, new).text)
+    seen = [data(gateway, key).json() for key in (old, new)]
+    assert [d["key"] for d in seen] == [name, name]
+    assert seen[0]["days"] == seen[1]["days"]
+
+
 BAD_MONTHS = (
     "?month=2026-13", "?month=2026-00", "?month=26-11", "?month=2026-1", "?month=202611", "?month=",
     "?month=1999-12", "?month=0000-01", "?month=9999-01", "?month=2026-11-01",
