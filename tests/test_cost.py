@@ -306,3 +306,16 @@ async def test_cost_past_int64_is_rejected_not_lost(service: Any) -> None:
     rejects = service.get_table_client(REJECTS_TABLE)
     [reject] = [e async for e in rejects.query_entities("MessageId eq @m", parameters={"m": f"huge-{key}"})]
     assert "Int64" in reject["Reason"]
+
+
+def test_serve_warns_of_a_price_override_for_a_backend_it_lacks(tmp_path: Path) -> None:
+    """python -m gateway serve names, at start-up, a PRICES override of a backend AOAI_BACKENDS does not have."""
+    backends = json.dumps([{"name": "east", "endpoint": "https://east.example"}])
+    prices = json.dumps({"gpt-4o": {"currency": "USD", "input": 1, "cached_input": 1, "output": 2,
+                                    "backends": {"eastt": {"input": 0, "cached_input": 0, "output": 0}}}})
+    env = {**os.environ, "AOAI_BACKENDS": backends, "UsageStorage": "UseDevelopmentStorage=true", "PRICES": prices,
+           "PYTHONPATH": str(PROJECT)}
+    done = subprocess.run([sys.executable, "-m", "gateway", "serve", "--port", "1"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert "warning: PRICES overrides backend(s) eastt for gpt-4o" in done.stderr
+    assert "no function_app.py" in done.stderr  # stopped after the settings: this folder has no app
