@@ -212,3 +212,47 @@ def test_scopes_are_set_and_changed_from_the_cli(storage: str) -> None:
             refused_scope = cli(gw, "create", "--name", unique("bad"), "--deployments", bad)
             assert refused_scope.returncode == 2 and "deployment" in refused_scope.stderr
             assert "Traceback" not in refused_scope.stderr
+
+
+#: a short KEY_CACHE_SECONDS, passed on the gateway's clock (the test moves it; it stands still otherwise)
+CACHE = 2.0
+
+
+def test_changes_reach_an_idle_key_within_key_cache_seconds(storage: str) -> None:
+    """A key unused for KEY_CACHE_SECONDS gets what the table says on its next request, not its old record."""
+    with running_gateway(storage, key_cache_seconds=CACHE, key_stale_seconds=HOUR) as gw:
+        revoked, rotated, revived, widened = (unique(n) for n in ("revoked", "rotated", "revived", "widened"))
+        revoked_key = created(gw, "--name", revoked)
+        old = created(gw, "--name", rotated)
+        expired = created(gw, "--name", revived, "--expires", "2020-01-01")
+        scoped = created(gw, "--name", widened, "--deployments", "gpt-35")
+        assert chat(gw, revoked_key).choices and chat(gw, old).choices
+        assert "expired" in refused(gw, expired)
+        with pytest.raises(openai.PermissionDeniedError):
+            chat(gw, scoped)
+
+        assert cli(gw, "revoke", revoked).returncode == 0
+        done = cli(gw, "rotate", rotated, "--grace", "0", "--json")
+        assert done.returncode == 0, done.stderr
+        new = json.loads(done.stdout)["key"]
+        assert cli(gw, "set-expiry", revived, "none").returncode == 0
+        assert cli(gw, "set-scope", widened, "all").returncode == 0
+        gw.clock.advance(CACHE)
+
+        assert "invalid" in refused(gw, revoked_key)
+        assert "rotated" in refused(gw, old) and chat(gw, new).choices
+        assert chat(gw, expired).choices
+        assert chat(gw, scoped).choices
+
+
+def test_changes_reach_a_busy_key_within_key_cache_seconds(storage: str) -> None:
+    """A key in use is re-checked ahead in the background: its old record is never served past KEY_CACHE_SECONDS."""
+    with running_gateway(storage, key_cache_seconds=CACHE, key_stale_seconds=HOUR) as gw:
+        name = unique("busy")
+        key = created(gw, "--name", name)
+        assert chat(gw, key).choices
+        assert cli(gw, "revoke", name).returncode == 0
+        gw.clock.advance(CACHE * 0.85)
+        assert chat(gw, key).choices  # still its cached record, which is re-checked meanwhile
+        gw.clock.advance(CACHE * 0.2)
+        assert "invalid" in refused(gw, key)
