@@ -256,3 +256,28 @@ def test_changes_reach_a_busy_key_within_key_cache_seconds(storage: str) -> None
         assert chat(gw, key).choices  # still its cached record, which is re-checked meanwhile
         gw.clock.advance(CACHE * 0.2)
         assert "invalid" in refused(gw, key)
+
+
+def test_deployments_all_means_every_deployment_and_none_is_refused(storage: str) -> None:
+    """``create --deployments all`` is what ``set-scope NAME all`` is: no limit; ``none`` is no deployment name."""
+    with running_gateway(storage, key_cache_seconds=0, key_stale_seconds=0) as gw:
+        name = unique("everything")
+        done = cli(gw, "create", "--name", name, "--deployments", "ALL", "--json")
+        assert done.returncode == 0, done.stderr
+        document = json.loads(done.stdout)
+        assert document["deployments"] is None and listed(gw, name)["deployments"] is None
+        assert chat(gw, document["key"]).choices and chat(gw, document["key"], model="gpt-35").choices
+        text = cli(gw, "create", "--name", unique("everything"), "--deployments", "all")
+        assert text.returncode == 0 and "deployments" not in text.stdout.splitlines()[0]
+
+        nothing, mixed = unique("nothing"), unique("mixed")
+        for args in (("create", "--name", nothing, "--deployments", "none"),
+                     ("set-scope", name, "None"),
+                     ("create", "--name", mixed, "--deployments", "gpt-4o,all"),
+                     ("set-scope", name, "none,gpt-4o")):
+            refused_scope = cli(gw, *args)
+            assert refused_scope.returncode == 2, (args, refused_scope.stdout)
+            assert "'all'" in refused_scope.stderr and "Traceback" not in refused_scope.stderr
+        assert listed(gw, name)["deployments"] is None
+        names = {row["name"] for row in json.loads(cli(gw, "list", "--json").stdout)}
+        assert name in names and not names & {nothing, mixed}

@@ -97,16 +97,24 @@ def _expiry(value: str) -> datetime | None:
     return None if value.strip().lower() == "none" else _moment(value)
 
 
-def _scope(value: str) -> frozenset[str]:
-    """``--deployments a,b``: the deployment names, checked."""
+#: words a scope cannot name as deployments: ``all`` alone means every deployment; ``none`` would scope a key to
+#: a deployment so named rather than to nothing, so it is refused
+_SCOPE_WORDS = ("all", "none")
+
+
+def _scope(value: str) -> frozenset[str] | None:
+    """A scope (``create --deployments``, ``set-scope``): the deployment names, checked; ``all``: every one (None)."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if [name.lower() for name in names] == ["all"]:
+        return None
+    if any(name.lower() in _SCOPE_WORDS for name in names):
+        raise argparse.ArgumentTypeError(
+            f"{value.strip()!r} is not a scope: give deployment names (a,b), or 'all' alone for every deployment "
+            "('all' and 'none' cannot be deployment names here; to stop a key, revoke it)")
     try:
-        return checked_scope(name.strip() for name in value.split(",") if name.strip())
+        return checked_scope(names)
     except KeyStoreError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _scope_or_all(value: str) -> frozenset[str] | None:
-    return None if value.strip().lower() == "all" else _scope(value)
 
 
 def _hours(value: str) -> float:
@@ -134,8 +142,9 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True, help="the team or app the key is for")
     create.add_argument("--log-content", action="store_true",
                         help="record this key's prompts and completions (where CONTENT_LOG is set)")
-    create.add_argument("--deployments", type=_scope, metavar="A,B",
-                        help="the only deployments the key may call (exact names, comma-separated); default: all")
+    create.add_argument("--deployments", type=_scope, metavar="A,B|all",
+                        help="the only deployments the key may call (exact names, comma-separated); default and "
+                        "'all': every deployment")
     create.add_argument("--expires", type=_moment, metavar="WHEN", help=_EXPIRES_HELP)
     set_quota = actions.add_parser("set-quota", help="change a key's quotas and budget ('none' removes one)")
     set_quota.add_argument("name")
@@ -163,7 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     scope = actions.add_parser("set-scope", help="change the deployments a key may call (gateways notice within "
                                "KEY_CACHE_SECONDS)")
     scope.add_argument("name")
-    scope.add_argument("deployments", type=_scope_or_all, metavar="A,B|all")
+    scope.add_argument("deployments", type=_scope, metavar="A,B|all")
     expiry = actions.add_parser("set-expiry", help="change when a key stops working ('none': never)")
     expiry.add_argument("name")
     expiry.add_argument("expires", type=_expiry, metavar="WHEN|none", help=_EXPIRES_HELP)
