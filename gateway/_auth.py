@@ -19,12 +19,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import partial
 from typing import Any, Protocol
 
 from gateway._exceptions import Forbidden, KeyStoreUnavailable, Unauthorized
 from usage import STORAGE_ERRORS, KeyRecord, hash_key
+from usage._keys import iso_moment
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ RETRY_AFTER_SECONDS = 5.0
 
 
 def _ended(record: KeyRecord, ends: datetime) -> str:
-    moment = ends.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    moment = iso_moment(ends)
     if record.replaced_until is not None and ends == record.replaced_until:
         return (f"Access denied: the subscription key expired at {moment}, the end of its grace period after "
                 "it was rotated. Use the new key.")

@@ -281,3 +281,35 @@ def test_deployments_all_means_every_deployment_and_none_is_refused(storage: str
         assert listed(gw, name)["deployments"] is None
         names = {row["name"] for row in json.loads(cli(gw, "list", "--json").stdout)}
         assert name in names and not names & {nothing, mixed}
+
+
+def test_expires_takes_the_iso_8601_forms_and_keeps_fractions_of_a_second_exactly(storage: str) -> None:
+    """Lowercase ``t``/``z``, basic and week forms, a comma: what Python's ``datetime.fromisoformat`` reads; a
+    fraction of a second is kept to the microsecond and shown; one it would misread or cut is refused."""
+    with running_gateway(storage) as gw:
+        for given, shown in (("2099-12-31t18:00:00z", "2099-12-31T18:00:00Z"),
+                             ("20991231T180000Z", "2099-12-31T18:00:00Z"),
+                             ("2099-W01-1", "2098-12-29T00:00:00Z"),
+                             ("2099-12-31 18:00:00.25+01:00", "2099-12-31T17:00:00.25Z"),
+                             ("2099-12-31T18:00:00,000001z", "2099-12-31T18:00:00.000001Z")):
+            name = unique("iso")
+            done = cli(gw, "create", "--name", name, "--expires", given, "--json")
+            assert done.returncode == 0, (given, done.stderr)
+            assert json.loads(done.stdout)["expires_at"] == shown
+            assert listed(gw, name)["expires_at"] == shown
+            assert f" {shown} " in cli(gw, "list").stdout
+
+        fractional = unique("fractional")
+        assert cli(gw, "create", "--name", fractional, "--expires", "2099-01-01").returncode == 0
+        done = cli(gw, "set-expiry", fractional, "2099-06-30T23:59:59.999999Z")
+        assert done.returncode == 0 and "2099-06-30T23:59:59.999999Z" in done.stdout
+        assert listed(gw, fractional)["expires_at"] == "2099-06-30T23:59:59.999999Z"
+
+        past = cli(gw, "create", "--name", unique("past"), "--expires", "2020-01-01T00:00:00.5z", "--json")
+        assert past.returncode == 0 and "2020-01-01T00:00:00.5Z is in the past" in past.stderr
+        assert "expired at 2020-01-01T00:00:00.5Z" in refused(gw, json.loads(past.stdout)["key"])
+
+        for bad in ("2099-12-31T18:00:00.1234567Z",  # finer than a microsecond: it would be cut
+                    "2099-12-31T18.5Z", "2099-12-31T18:30.5Z"):  # a fraction of an hour, a minute: read as seconds
+            done = cli(gw, "create", "--name", unique("bad"), "--expires", bad)
+            assert done.returncode == 2 and "second" in done.stderr and "Traceback" not in done.stderr, bad

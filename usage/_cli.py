@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
@@ -20,7 +21,7 @@ from azure.identity.aio import DefaultAzureCredential
 from usage import _replay
 from usage._config import CONTENT_LOG_SETTING, SettingsError, load_blob_config, load_storage_config, read_environment
 from usage._content import open_blob_service, read_records, render_records
-from usage._keys import KeyRecord, KeyStore, KeyStoreError, Limits, checked_scope
+from usage._keys import KeyRecord, KeyStore, KeyStoreError, Limits, checked_scope, iso_moment
 from usage._prices import format_cost, load_prices
 from usage._report import GROUPS, group, read_days, render
 from usage._statement import is_month, render_statement, statement_rows
@@ -79,11 +80,26 @@ def _month(value: str) -> str:
     return value
 
 
+#: a fraction (of the part before it): Python reads one after hours or minutes as seconds, and cuts finer ones
+_FRACTION = re.compile(r"[.,](\d*)")
+#: what a fraction may follow: seconds, in extended (18:00:00) or basic (T180000) form
+_SECONDS = re.compile(r"(?:\d{2}:\d{2}:\d{2}|\D\d{6})$")
+
+
 def _moment(value: str) -> datetime:
-    """``--expires``: an ISO 8601 date (00:00 UTC that day) or date-time (UTC unless it gives an offset)."""
+    """``--expires``: an ISO 8601 date (00:00 UTC that day) or date-time (UTC unless it gives an offset), in the
+    forms ``datetime.fromisoformat`` reads, letters in either case; a fraction of a second to the microsecond."""
+    text = value.strip().upper()  # 2026-12-31t18:00:00z is 2026-12-31T18:00:00Z
+    for fraction in _FRACTION.finditer(text):
+        if not _SECONDS.search(text, 0, fraction.start()):
+            raise argparse.ArgumentTypeError(
+                f"{value!r}: only seconds may have a fraction (write 18:30:00, not 18.5 or 18:29.5)")
+        if len(fraction.group(1)) > 6:
+            raise argparse.ArgumentTypeError(
+                f"{value!r}: a fraction of a second may have at most 6 digits (microseconds)")
     moment: datetime | None
     try:
-        moment = datetime.fromisoformat(value.strip())
+        moment = datetime.fromisoformat(text)
         moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     except (ValueError, OverflowError):
         moment = None
@@ -217,7 +233,7 @@ def _limits_json(limits: Limits) -> dict[str, Any]:
 
 
 def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return None if moment is None else iso_moment(moment)
 
 
 def _state(record: KeyRecord, now: datetime) -> str:
