@@ -1,8 +1,9 @@
 """Client authentication: the subscription key from the request, checked against the key store.
 
-A key's answer is kept per instance. Known keys are re-checked in the background, never on the
-request path, and keep being served while Table Storage cannot be reached (up to a limit); a key
-the instance has not seen waits for its lookup at most a few seconds, then gets a 503.
+A key's answer is kept per instance for ``KEY_CACHE_SECONDS`` and never used older than that while
+Table Storage answers: a key in use is re-checked ahead, in the background, and an idle one on its
+next request. Known keys keep being served while Table Storage cannot be reached (up to a limit);
+a key the instance has not seen waits for its lookup at most a few seconds, then gets a 503.
 
 A key's expiry (and the end of a rotated-out key's grace period) is compared with the wall clock on
 every request, cached answer or not; its scope (the deployments it may call) is checked by
@@ -18,12 +19,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import partial
 from typing import Any, Protocol
 
 from gateway._exceptions import Forbidden, KeyStoreUnavailable, Unauthorized
 from usage import STORAGE_ERRORS, KeyRecord, hash_key
+from usage._keys import iso_moment
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +47,17 @@ def key_from_headers(headers: Mapping[str, str]) -> str | None:
     return key.strip() if key else None
 
 
-#: After a failed background refresh, the next one waits this long: a busy key is not retried per request.
+#: After a failed refresh, the next one waits this long: a busy key is not retried per request.
 REFRESH_RETRY_SECONDS = 5.0
+#: A key used after this fraction of ``KEY_CACHE_SECONDS`` is re-checked in the background, ahead of its answer
+#: becoming too old: a busy key never waits for the store.
+REFRESH_AHEAD = 0.8
 #: ``Retry-After`` of a 503 when the key could not be checked.
 RETRY_AFTER_SECONDS = 5.0
 
 
 def _ended(record: KeyRecord, ends: datetime) -> str:
-    moment = ends.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    moment = iso_moment(ends)
     if record.replaced_until is not None and ends == record.replaced_until:
         return (f"Access denied: the subscription key expired at {moment}, the end of its grace period after "
                 "it was rotated. Use the new key.")
@@ -82,9 +87,15 @@ class KeyLookup(Protocol):
 
 @dataclass(slots=True)
 class _Entry:
-    record: KeyRecord | None  # None: the store said the key does not exist
-    checked: float  # clock time of the store's answer
-    retry_at: float = -math.inf  # no background refresh before this (set when one fails)
+    record: KeyRecord  # the store's answer for a key it holds
+    checked: float  # clock time the lookup that gave this answer started
+    #: set when a refresh failed: no refresh before this, and meanwhile the answer is served as it is, even
+    #: older than ``ttl`` (the store is failing for this key: waiting again would only stall its requests)
+    retry_at: float = -math.inf
+
+    @property
+    def refresh_failed(self) -> bool:
+        return self.retry_at != -math.inf
 
 
 #: how many "no such key" answers are remembered (each is a hash and a time: about 150 bytes)
@@ -95,13 +106,16 @@ class KeyCache:
     """Looks keys up in the store and keeps the answers, keyed by the key's hash (no subscription
     key is kept in clear longer than the request that carried it).
 
-    An answer younger than ``ttl`` is used as is. A known key's answer older than that, but younger
-    than ``stale``, is still used, while one background refresh re-checks it: keys in use never wait
-    for the store, and keep working through an outage of up to ``stale`` seconds. Anything else (a
-    key not seen, a "no such key" answer older than ``ttl``, an answer older than ``stale``) is looked
-    up on the request path, waiting at most ``timeout`` seconds before ``KeyStoreUnavailable`` (503).
-    Lookups of one key share one task, bounded by ``timeout`` too: a caller that gives up or goes
-    away leaves it running for the others.
+    An answer younger than ``ttl`` is used as is; once ``REFRESH_AHEAD`` of ``ttl`` has passed, a request also
+    starts one background refresh of it, so a key in use gets its fresh answer before the old one is too old and
+    never waits for the store. An answer older than ``ttl`` is not used as is: the request waits (at most
+    ``timeout`` seconds) for the refresh. Only if that refresh fails is a known key's answer younger than
+    ``stale`` used: keys in use keep working through an outage of up to ``stale`` seconds. After a failed
+    refresh, the key's requests are answered from memory without waiting, and refreshed in the background
+    every ``REFRESH_RETRY_SECONDS``, until one refresh succeeds. Anything else (a key not seen, a "no such key"
+    answer older than ``ttl``, an answer older than ``stale``) gets ``KeyStoreUnavailable`` (503) when its
+    lookup fails or takes longer than ``timeout``. Lookups of one key share one task, bounded by ``timeout``
+    too: a caller that gives up or goes away leaves it running for the others.
     """
 
     def __init__(
@@ -141,8 +155,7 @@ class KeyCache:
                 "in the api-key header (or Authorization: Bearer) when making requests."
             )
         digest = hash_key(key, self._secret)
-        entry = self._cached(digest)
-        record = entry.record if entry is not None else await self._wait(digest)
+        record = await self._answer(digest)
         if record is None and self._previous:
             record = await self._under_previous(key, digest)
         if record is None or not record.enabled:
@@ -159,8 +172,7 @@ class KeyCache:
         """During a ``KEY_HASH_SECRET`` rotation: the key's record under the previous secret; an enabled key found
         there is moved to the current secret's hash in the background (once), and served meanwhile."""
         old = hash_key(key, self._previous)
-        entry = self._cached(old)
-        record = entry.record if entry is not None else await self._wait(old)
+        record = await self._answer(old)
         if record is not None and record.enabled and self._rehash is not None and old not in self._rehashing:
             task = asyncio.create_task(self._rehash(old, digest), name="key rehash")
             self._rehashing[old] = task
@@ -178,23 +190,28 @@ class KeyCache:
             self._entries[digest] = _Entry(record, self._clock())  # found under the new hash from now on
             log.info("key %s moved to the current KEY_HASH_SECRET", record.name)
 
-    def _cached(self, digest: str) -> _Entry | None:
-        """The entry to answer from (refreshing it in the background when it is stale), if any."""
+    async def _answer(self, digest: str) -> KeyRecord | None:
+        """The store's answer for ``digest`` (``None``: no such key), from memory when it is recent enough."""
+        now = self._clock()
         entry = self._entries.get(digest)
         if entry is None:
             checked = self._unknown.get(digest)
-            if checked is not None and self._clock() - checked < self._ttl:
-                return _Entry(None, checked)
-            return None
-        now = self._clock()
+            if checked is not None and now - checked < self._ttl:
+                return None
+            return await self._wait(digest)
         age = now - entry.checked
-        if age < self._ttl:
-            return entry
-        if entry.record is None or age >= self._stale:
-            return None
-        if now >= entry.retry_at:
-            self._lookup(digest)
-        return entry
+        if age < self._ttl or (entry.refresh_failed and age < self._stale):
+            if age >= self._ttl * REFRESH_AHEAD and now >= entry.retry_at:
+                self._lookup(digest)  # in the background: this request does not wait for it
+            return entry.record
+        if age >= self._stale:
+            return await self._wait(digest)
+        try:
+            return await self._wait(digest)
+        except KeyStoreUnavailable:  # the store failed or is slow: the known key is served from memory
+            if self._entries.get(digest) is entry:
+                entry.retry_at = max(entry.retry_at, self._clock() + REFRESH_RETRY_SECONDS)
+            return entry.record
 
     async def _wait(self, digest: str) -> KeyRecord | None:
         """The store's answer, waiting at most ``timeout`` seconds for it."""
@@ -214,9 +231,9 @@ class KeyCache:
         return task
 
     async def _fetch(self, digest: str) -> KeyRecord | None:
+        now = self._clock()  # a change made while the lookup runs may be missed: its answer is as old as its start
         async with asyncio.timeout(self._timeout):
             record = await self._store.lookup_hash(digest)
-        now = self._clock()
         if record is None:
             self._entries.pop(digest, None)  # deleted from the store
             self._unknown[digest] = now

@@ -212,3 +212,104 @@ def test_scopes_are_set_and_changed_from_the_cli(storage: str) -> None:
             refused_scope = cli(gw, "create", "--name", unique("bad"), "--deployments", bad)
             assert refused_scope.returncode == 2 and "deployment" in refused_scope.stderr
             assert "Traceback" not in refused_scope.stderr
+
+
+#: a short KEY_CACHE_SECONDS, passed on the gateway's clock (the test moves it; it stands still otherwise)
+CACHE = 2.0
+
+
+def test_changes_reach_an_idle_key_within_key_cache_seconds(storage: str) -> None:
+    """A key unused for KEY_CACHE_SECONDS gets what the table says on its next request, not its old record."""
+    with running_gateway(storage, key_cache_seconds=CACHE, key_stale_seconds=HOUR) as gw:
+        revoked, rotated, revived, widened = (unique(n) for n in ("revoked", "rotated", "revived", "widened"))
+        revoked_key = created(gw, "--name", revoked)
+        old = created(gw, "--name", rotated)
+        expired = created(gw, "--name", revived, "--expires", "2020-01-01")
+        scoped = created(gw, "--name", widened, "--deployments", "gpt-35")
+        assert chat(gw, revoked_key).choices and chat(gw, old).choices
+        assert "expired" in refused(gw, expired)
+        with pytest.raises(openai.PermissionDeniedError):
+            chat(gw, scoped)
+
+        assert cli(gw, "revoke", revoked).returncode == 0
+        done = cli(gw, "rotate", rotated, "--grace", "0", "--json")
+        assert done.returncode == 0, done.stderr
+        new = json.loads(done.stdout)["key"]
+        assert cli(gw, "set-expiry", revived, "none").returncode == 0
+        assert cli(gw, "set-scope", widened, "all").returncode == 0
+        gw.clock.advance(CACHE)
+
+        assert "invalid" in refused(gw, revoked_key)
+        assert "rotated" in refused(gw, old) and chat(gw, new).choices
+        assert chat(gw, expired).choices
+        assert chat(gw, scoped).choices
+
+
+def test_changes_reach_a_busy_key_within_key_cache_seconds(storage: str) -> None:
+    """A key in use is re-checked ahead in the background: its old record is never served past KEY_CACHE_SECONDS."""
+    with running_gateway(storage, key_cache_seconds=CACHE, key_stale_seconds=HOUR) as gw:
+        name = unique("busy")
+        key = created(gw, "--name", name)
+        assert chat(gw, key).choices
+        assert cli(gw, "revoke", name).returncode == 0
+        gw.clock.advance(CACHE * 0.85)
+        assert chat(gw, key).choices  # still its cached record, which is re-checked meanwhile
+        gw.clock.advance(CACHE * 0.2)
+        assert "invalid" in refused(gw, key)
+
+
+def test_deployments_all_means_every_deployment_and_none_is_refused(storage: str) -> None:
+    """``create --deployments all`` is what ``set-scope NAME all`` is: no limit; ``none`` is no deployment name."""
+    with running_gateway(storage, key_cache_seconds=0, key_stale_seconds=0) as gw:
+        name = unique("everything")
+        done = cli(gw, "create", "--name", name, "--deployments", "ALL", "--json")
+        assert done.returncode == 0, done.stderr
+        document = json.loads(done.stdout)
+        assert document["deployments"] is None and listed(gw, name)["deployments"] is None
+        assert chat(gw, document["key"]).choices and chat(gw, document["key"], model="gpt-35").choices
+        text = cli(gw, "create", "--name", unique("everything"), "--deployments", "all")
+        assert text.returncode == 0 and "deployments" not in text.stdout.splitlines()[0]
+
+        nothing, mixed = unique("nothing"), unique("mixed")
+        for args in (("create", "--name", nothing, "--deployments", "none"),
+                     ("set-scope", name, "None"),
+                     ("create", "--name", mixed, "--deployments", "gpt-4o,all"),
+                     ("set-scope", name, "none,gpt-4o")):
+            refused_scope = cli(gw, *args)
+            assert refused_scope.returncode == 2, (args, refused_scope.stdout)
+            assert "'all'" in refused_scope.stderr and "Traceback" not in refused_scope.stderr
+        assert listed(gw, name)["deployments"] is None
+        names = {row["name"] for row in json.loads(cli(gw, "list", "--json").stdout)}
+        assert name in names and not names & {nothing, mixed}
+
+
+def test_expires_takes_the_iso_8601_forms_and_keeps_fractions_of_a_second_exactly(storage: str) -> None:
+    """Lowercase ``t``/``z``, basic and week forms, a comma: what Python's ``datetime.fromisoformat`` reads; a
+    fraction of a second is kept to the microsecond and shown; one it would misread or cut is refused."""
+    with running_gateway(storage) as gw:
+        for given, shown in (("2099-12-31t18:00:00z", "2099-12-31T18:00:00Z"),
+                             ("20991231T180000Z", "2099-12-31T18:00:00Z"),
+                             ("2099-W01-1", "2098-12-29T00:00:00Z"),
+                             ("2099-12-31 18:00:00.25+01:00", "2099-12-31T17:00:00.25Z"),
+                             ("2099-12-31T18:00:00,000001z", "2099-12-31T18:00:00.000001Z")):
+            name = unique("iso")
+            done = cli(gw, "create", "--name", name, "--expires", given, "--json")
+            assert done.returncode == 0, (given, done.stderr)
+            assert json.loads(done.stdout)["expires_at"] == shown
+            assert listed(gw, name)["expires_at"] == shown
+            assert f" {shown} " in cli(gw, "list").stdout
+
+        fractional = unique("fractional")
+        assert cli(gw, "create", "--name", fractional, "--expires", "2099-01-01").returncode == 0
+        done = cli(gw, "set-expiry", fractional, "2099-06-30T23:59:59.999999Z")
+        assert done.returncode == 0 and "2099-06-30T23:59:59.999999Z" in done.stdout
+        assert listed(gw, fractional)["expires_at"] == "2099-06-30T23:59:59.999999Z"
+
+        past = cli(gw, "create", "--name", unique("past"), "--expires", "2020-01-01T00:00:00.5z", "--json")
+        assert past.returncode == 0 and "2020-01-01T00:00:00.5Z is in the past" in past.stderr
+        assert "expired at 2020-01-01T00:00:00.5Z" in refused(gw, json.loads(past.stdout)["key"])
+
+        for bad in ("2099-12-31T18:00:00.1234567Z",  # finer than a microsecond: it would be cut
+                    "2099-12-31T18.5Z", "2099-12-31T18:30.5Z"):  # a fraction of an hour, a minute: read as seconds
+            done = cli(gw, "create", "--name", unique("bad"), "--expires", bad)
+            assert done.returncode == 2 and "second" in done.stderr and "Traceback" not in done.stderr, bad

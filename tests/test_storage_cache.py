@@ -12,7 +12,7 @@ import pytest
 from azure.core.exceptions import AzureError, ServiceRequestError
 
 from gateway import KeyStoreUnavailable, Unauthorized
-from gateway._auth import REFRESH_RETRY_SECONDS, KeyCache
+from gateway._auth import REFRESH_AHEAD, REFRESH_RETRY_SECONDS, KeyCache
 from tests.harness import FakeClock
 from usage import KeyRecord, hash_key
 
@@ -78,21 +78,83 @@ async def test_fresh_answer_is_served_without_asking_the_store() -> None:
     assert store.calls == 1
 
 
-async def test_stale_key_is_served_at_once_and_refreshed_in_the_background() -> None:
-    """Past KEY_CACHE_SECONDS the request does not wait; the background refresh's answer is used next."""
+async def test_an_idle_key_past_key_cache_seconds_gets_its_fresh_answer() -> None:
+    """A change made in the store reaches a key unused for KEY_CACHE_SECONDS on its very next request."""
+    store, clock = FakeStore(), FakeClock()
+    store.add(KEY)
+    cache = key_cache(store, clock)
+    await authenticate(cache)
+    store.add(KEY, enabled=False)  # revoked
+    clock.advance(TTL)
+    with pytest.raises(Unauthorized):
+        await authenticate(cache)
+    assert store.calls == 2
+
+
+async def test_requests_past_key_cache_seconds_share_one_lookup() -> None:
+    """Requests that find the answer too old wait for one lookup together, and all get its answer."""
     store, clock = FakeStore(), FakeClock()
     store.add(KEY)
     cache = key_cache(store, clock)
     await authenticate(cache)
     store.hold()
-    store.add(KEY, enabled=False)  # revoked meanwhile
+    store.add(KEY, enabled=False)
     clock.advance(TTL + 1)
-    assert (await authenticate(cache)).enabled  # answered from memory while the store is held
-    assert (await authenticate(cache)).enabled
+    waiting = [asyncio.create_task(authenticate(cache)) for _ in range(3)]
     await settle()
-    assert store.calls == 2  # one refresh for both
+    assert not any(task.done() for task in waiting)  # not answered from the old record
+    store.released.set()
+    for result in await asyncio.gather(*waiting, return_exceptions=True):
+        assert isinstance(result, Unauthorized)
+    assert store.calls == 2
+
+
+async def test_a_busy_key_is_refreshed_ahead_and_never_waits() -> None:
+    """Past REFRESH_AHEAD of KEY_CACHE_SECONDS a key in use is re-checked in the background (once, however many
+    requests come), answered from memory meanwhile; the fresh answer is used before the old one is too old."""
+    store, clock = FakeStore(), FakeClock()
+    store.add(KEY)
+    cache = key_cache(store, clock)
+    await authenticate(cache)
+    clock.advance(TTL * REFRESH_AHEAD - 1)
+    await authenticate(cache)
+    await settle()
+    assert store.calls == 1  # not yet
+    store.hold()
+    store.add(KEY, enabled=False)  # revoked meanwhile
+    clock.advance(1)
+    for _ in range(3):
+        assert (await authenticate(cache)).enabled  # answered at once while the store is held
+    await settle()
+    assert store.calls == 2  # one refresh for all of them
     store.released.set()
     await settle()
+    with pytest.raises(Unauthorized):  # still younger than KEY_CACHE_SECONDS: the fresh answer
+        await authenticate(cache)
+    assert store.calls == 2
+
+
+async def test_a_key_whose_refresh_ahead_failed_is_rechecked_on_time() -> None:
+    """A failed refresh ahead is retried after REFRESH_RETRY_SECONDS, still before the answer is too old."""
+    store, clock = FakeStore(), FakeClock()
+    store.add(KEY)
+    cache = key_cache(store, clock)
+    await authenticate(cache)
+    store.error = ServiceRequestError("blip")
+    clock.advance(TTL * REFRESH_AHEAD)
+    await authenticate(cache)
+    await settle()
+    assert store.calls == 2
+    store.error = None
+    store.add(KEY, enabled=False)
+    clock.advance(REFRESH_RETRY_SECONDS / 2)
+    await authenticate(cache)
+    await settle()
+    assert store.calls == 2  # not retried at every request
+    clock.advance(REFRESH_RETRY_SECONDS / 2)
+    await authenticate(cache)
+    await settle()
+    assert store.calls == 3
     with pytest.raises(Unauthorized):
         await authenticate(cache)
 
@@ -120,6 +182,38 @@ async def test_known_key_is_served_through_an_outage_until_key_stale_seconds() -
         await authenticate(cache)
     assert_unavailable(caught.value)
     assert isinstance(caught.value.__cause__, AzureError)
+
+
+async def test_known_key_with_storage_hung_waits_once_then_is_served_at_once() -> None:
+    """Past KEY_CACHE_SECONDS with the store hung, one wait of the lookup time-out, then the known key is served
+    from memory without waiting while the store stays hung, re-checked in the background every
+    REFRESH_RETRY_SECONDS."""
+    store, clock = FakeStore(), FakeClock()
+    store.add(KEY)
+    cache = key_cache(store, clock, timeout=0.2)
+    await authenticate(cache)
+    store.hold()
+    clock.advance(TTL + 1)
+    started = time.monotonic()
+    assert (await authenticate(cache)).enabled
+    assert 0.15 < time.monotonic() - started < 1.0
+    await asyncio.sleep(0.05)  # the lookup itself gives up too
+    started = time.monotonic()
+    for _ in range(5):
+        assert (await authenticate(cache)).enabled
+    assert time.monotonic() - started < 0.1
+    assert store.calls == 2
+    clock.advance(REFRESH_RETRY_SECONDS)
+    started = time.monotonic()
+    assert (await authenticate(cache)).enabled
+    assert time.monotonic() - started < 0.1
+    await settle()
+    assert store.calls == 3  # re-checked in the background
+    store.add(KEY, enabled=False)
+    store.released.set()  # the store is back: the background lookup's answer is used from the next request on
+    await settle()
+    with pytest.raises(Unauthorized):
+        await authenticate(cache)
 
 
 async def test_unknown_key_waits_at_most_the_lookup_timeout() -> None:

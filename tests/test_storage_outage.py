@@ -75,12 +75,14 @@ def test_new_key_gets_503_with_retry_after_while_storage_is_down(storage: str, f
 
 @pytest.mark.parametrize("fault", FAULTS)
 def test_known_key_is_served_from_cache_while_storage_is_down(storage: str, fault: str) -> None:
-    """Past KEY_CACHE_SECONDS a known key still works at once; past KEY_STALE_SECONDS it gets 503."""
+    """Past KEY_CACHE_SECONDS a known key still works: its first request waits for the failing re-check at most
+    KEY_LOOKUP_TIMEOUT_SECONDS, the next ones not at all; past KEY_STALE_SECONDS it gets 503."""
     with gateway_behind(storage, key_lookup_timeout=1.0) as (gw, proxy):
         client = client_for(gw, gw.key)
         timed_chat(client)
         getattr(proxy, fault)()
         gw.clock.advance(gw.settings.key_cache_seconds + 1)
+        assert timed_chat(client)[0] < gw.settings.key_lookup_timeout + 0.5
         assert max(timed_chat(client)[0] for _ in range(5)) < 0.5
         gw.clock.advance(gw.settings.key_stale_seconds)
         elapsed, error = timed_refusal(client)

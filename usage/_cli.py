@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
@@ -20,7 +21,7 @@ from azure.identity.aio import DefaultAzureCredential
 from usage import _replay
 from usage._config import CONTENT_LOG_SETTING, SettingsError, load_blob_config, load_storage_config, read_environment
 from usage._content import open_blob_service, read_records, render_records
-from usage._keys import KeyRecord, KeyStore, KeyStoreError, Limits, checked_scope
+from usage._keys import KeyRecord, KeyStore, KeyStoreError, Limits, checked_scope, iso_moment
 from usage._prices import format_cost, load_prices
 from usage._report import GROUPS, group, read_days, render
 from usage._statement import is_month, render_statement, statement_rows
@@ -79,11 +80,26 @@ def _month(value: str) -> str:
     return value
 
 
+#: a fraction (of the part before it): Python reads one after hours or minutes as seconds, and cuts finer ones
+_FRACTION = re.compile(r"[.,](\d*)")
+#: what a fraction may follow: seconds, in extended (18:00:00) or basic (T180000) form
+_SECONDS = re.compile(r"(?:\d{2}:\d{2}:\d{2}|\D\d{6})$")
+
+
 def _moment(value: str) -> datetime:
-    """``--expires``: an ISO 8601 date (00:00 UTC that day) or date-time (UTC unless it gives an offset)."""
+    """``--expires``: an ISO 8601 date (00:00 UTC that day) or date-time (UTC unless it gives an offset), in the
+    forms ``datetime.fromisoformat`` reads, letters in either case; a fraction of a second to the microsecond."""
+    text = value.strip().upper()  # 2026-12-31t18:00:00z is 2026-12-31T18:00:00Z
+    for fraction in _FRACTION.finditer(text):
+        if not _SECONDS.search(text, 0, fraction.start()):
+            raise argparse.ArgumentTypeError(
+                f"{value!r}: only seconds may have a fraction (write 18:30:00, not 18.5 or 18:29.5)")
+        if len(fraction.group(1)) > 6:
+            raise argparse.ArgumentTypeError(
+                f"{value!r}: a fraction of a second may have at most 6 digits (microseconds)")
     moment: datetime | None
     try:
-        moment = datetime.fromisoformat(value.strip())
+        moment = datetime.fromisoformat(text)
         moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     except (ValueError, OverflowError):
         moment = None
@@ -97,16 +113,24 @@ def _expiry(value: str) -> datetime | None:
     return None if value.strip().lower() == "none" else _moment(value)
 
 
-def _scope(value: str) -> frozenset[str]:
-    """``--deployments a,b``: the deployment names, checked."""
+#: words a scope cannot name as deployments: ``all`` alone means every deployment; ``none`` would scope a key to
+#: a deployment so named rather than to nothing, so it is refused
+_SCOPE_WORDS = ("all", "none")
+
+
+def _scope(value: str) -> frozenset[str] | None:
+    """A scope (``create --deployments``, ``set-scope``): the deployment names, checked; ``all``: every one (None)."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if [name.lower() for name in names] == ["all"]:
+        return None
+    if any(name.lower() in _SCOPE_WORDS for name in names):
+        raise argparse.ArgumentTypeError(
+            f"{value.strip()!r} is not a scope: give deployment names (a,b), or 'all' alone for every deployment "
+            "('all' and 'none' cannot be deployment names here; to stop a key, revoke it)")
     try:
-        return checked_scope(name.strip() for name in value.split(",") if name.strip())
+        return checked_scope(names)
     except KeyStoreError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _scope_or_all(value: str) -> frozenset[str] | None:
-    return None if value.strip().lower() == "all" else _scope(value)
 
 
 def _hours(value: str) -> float:
@@ -134,8 +158,9 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True, help="the team or app the key is for")
     create.add_argument("--log-content", action="store_true",
                         help="record this key's prompts and completions (where CONTENT_LOG is set)")
-    create.add_argument("--deployments", type=_scope, metavar="A,B",
-                        help="the only deployments the key may call (exact names, comma-separated); default: all")
+    create.add_argument("--deployments", type=_scope, metavar="A,B|all",
+                        help="the only deployments the key may call (exact names, comma-separated); default and "
+                        "'all': every deployment")
     create.add_argument("--expires", type=_moment, metavar="WHEN", help=_EXPIRES_HELP)
     set_quota = actions.add_parser("set-quota", help="change a key's quotas and budget ('none' removes one)")
     set_quota.add_argument("name")
@@ -163,7 +188,7 @@ def _parser() -> argparse.ArgumentParser:
     scope = actions.add_parser("set-scope", help="change the deployments a key may call (gateways notice within "
                                "KEY_CACHE_SECONDS)")
     scope.add_argument("name")
-    scope.add_argument("deployments", type=_scope_or_all, metavar="A,B|all")
+    scope.add_argument("deployments", type=_scope, metavar="A,B|all")
     expiry = actions.add_parser("set-expiry", help="change when a key stops working ('none': never)")
     expiry.add_argument("name")
     expiry.add_argument("expires", type=_expiry, metavar="WHEN|none", help=_EXPIRES_HELP)
@@ -208,7 +233,7 @@ def _limits_json(limits: Limits) -> dict[str, Any]:
 
 
 def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return None if moment is None else iso_moment(moment)
 
 
 def _state(record: KeyRecord, now: datetime) -> str:

@@ -119,6 +119,14 @@ class KeyRecord:
         return min(ends, default=None)
 
 
+def iso_moment(moment: datetime) -> str:
+    """``moment`` in UTC as ISO 8601 with a ``Z``, its fraction of a second exact (none when it is 0):
+    ``2026-12-31T18:00:00Z``, ``2026-12-31T18:00:00.25Z``."""
+    utc = moment.astimezone(UTC)
+    fraction = f".{utc.microsecond:06d}".rstrip("0") if utc.microsecond else ""
+    return f"{utc:%Y-%m-%dT%H:%M:%S}{fraction}Z"
+
+
 def hash_key(key: str, secret: bytes = b"") -> str:
     """The keyed hash (HMAC-SHA256) under which a subscription key is stored."""
     return hmac.new(secret or _DEFAULT_SECRET, key.encode(), hashlib.sha256).hexdigest()
