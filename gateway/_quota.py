@@ -2,8 +2,8 @@
 
 At admission a request reserves, out of this instance's slice of each of its key's limited meters, its
 prompt estimate plus the largest output cap the body sets (tokens), one request (requests per minute) and
-that reservation priced at the deployment's output rate (the money budget). When it ends, the reservation
-is settled to its real usage: the difference goes back to the slice, or what it used beyond the
+that reservation priced at the highest rate of the deployment's price in force (the money budget). When it
+ends, the reservation is settled to its real usage: the difference goes back to the slice, or what it used beyond the
 reservation is taken too. Windows are fixed UTC minutes, days and months, the periods the aggregator counts.
 
 Slices are leased from the key's row in the ``quotabudgets`` table (see ``_budget`` for the row and the

@@ -8,6 +8,7 @@ import json
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -310,3 +311,47 @@ def test_budget_flags_of_the_keys_cli(storage: str, monkeypatch: pytest.MonkeyPa
             main(["keys", "set-quota", name, "--budget-per-month", bad], out=io.StringIO())
         assert exited.value.code == 2
         assert "--budget-per-month" in capsys.readouterr().err
+
+
+def test_money_reservations_hold_whatever_the_rates(storage: str) -> None:
+    """A reservation is priced at the highest rate that can apply, so a budget holds for a deployment whose output
+    costs 0 (embeddings: only input is billed) and for a backend override above the deployment's base rates, even
+    with requests arriving together: spending passes the budget by at most one request."""
+    prices = parse_prices(json.dumps({
+        "embed": {"currency": "USD", "input": "100000", "cached_input": "0", "output": "0"},
+        "gpt-4o": {"currency": "USD", "input": 1, "cached_input": 1, "output": 1,
+                   "backends": {"eastus": {"input": 1, "cached_input": 1, "output": 100000},
+                                "westus": {"input": 1, "cached_input": 1, "output": 100000}}},
+    }))
+    with running_gateway(storage, prices=prices) as gw:
+        embedder = client_for(gw, gw.create_key(f"embed-{uuid.uuid4().hex[:8]}",
+                                                Limits(budget_nano_per_month=300_000_000)))  # 0.30 USD
+        served, refused = 0, []
+        for _ in range(12):
+            try:
+                assert embedder.embeddings.create(model="embed", input="abc").data
+                served += 1
+            except openai.RateLimitError as exc:
+                refused.append(exc)
+        one_embedding = 8 * 100_000_000  # the region bills 8 prompt tokens: 0.80 USD
+        assert served == 1 and len(refused) == 11  # 0.30 was not spent before the first; 0.80 was after it
+        assert "monthly budget" in refused[-1].response.json()["error"]["message"]
+        assert served * one_embedding <= 300_000_000 + one_embedding
+
+        name = f"ptu-{uuid.uuid4().hex[:8]}"
+        chat = client_for(gw, gw.create_key(name, Limits(budget_nano_per_month=3_000_000_000)))  # 3 USD
+
+        def ask() -> bool:
+            try:
+                chat.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=20)
+                return True
+            except openai.RateLimitError:
+                return False
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: ask(), range(8)))
+        records = [r for r in gw.sink.wait(20) if r.key_name == name and r.status == 200]
+        assert len(records) == sum(answers) >= 1
+        spent = sum(r.prompt_tokens * 1000 + r.completion_tokens * 100_000_000 for r in records)
+        one_request = max(r.prompt_tokens * 1000 + r.completion_tokens * 100_000_000 for r in records)
+        assert spent <= 3_000_000_000 + one_request, (spent, len(records))
