@@ -116,6 +116,14 @@ class Account:
     rate: float = 0.0  # taken per second, smoothed
     rate_since: float | None = None
     typical: int = 0  # a typical reservation, smoothed
+    settled: int = 0  # the real usage of this instance's requests settled in the window
+    base: int | None = None  # the window's counted usage as read before this instance settled anything in it
+
+    def spent(self) -> int:
+        """What the window has really used as far as this instance knows — counted in the usage table, or counted
+        before its first settlement plus its own settled usage since — never slices or reservations (a lower
+        bound: other instances' usage shows once counted)."""
+        return max(self.counted, (self.base or 0) + self.settled)
 
     def known_used(self) -> int:
         """Everything taken out of the window as far as this instance knows (its own held slice included)."""
@@ -134,14 +142,23 @@ class Account:
         self.typical = amount if self.typical == 0 else (self.typical * 3 + amount) // 4
 
     def give_back(self, amount: int) -> None:
-        """A settled request used ``amount`` less than it reserved (negative: more)."""
+        """A settled request used ``amount`` less than it reserved (negative: more). What it gives back first pays
+        what is owed (a reservation taken beyond the slice), then goes back to the slice."""
         if amount >= 0:
-            self.held += amount
+            paid = min(amount, self.owed)
+            self.owed -= paid
+            self.held += amount - paid
             return
         covered = min(-amount, max(self.held, 0))
         self.held -= covered
         self.owed += -amount - covered
         self.consumed += -amount
+
+    def pay_owed(self) -> None:
+        """Cover what is owed out of the slice, as far as it goes (a lease landed after usage past the slice)."""
+        paid = min(max(self.held, 0), self.owed)
+        self.held -= paid
+        self.owed -= paid
 
     def target(self, need: int) -> int:
         """What to hold after a lease: ``LEASE_HORIZON`` seconds of use, at least ``MIN_REQUESTS_PER_SLICE``
@@ -163,17 +180,20 @@ class Account:
         self.rate_since = clock
 
 
-def slice_to_lease(account: Account, *, limit: int, granted: int, need: int) -> int:
+def slice_to_lease(account: Account, *, limit: int, granted: int, need: int, partial: bool = False) -> int:
     """How much to lease for ``account`` when the row says ``granted`` is taken out of its window.
 
     Tops the slice up to its ``target``, taking at most ``SHARE_OF_REMAINING`` of what the window has left
-    but enough for ``need`` (the waiting request's reservation); 0 when even that does not fit.
+    but enough for ``need`` (the waiting request's reservation); 0 when even that does not fit — or, with
+    ``partial`` (a money budget, whose last request may overshoot it), all that is left.
     """
     remaining = limit - max(granted, account.counted) - account.owed
     must = need - account.held
     want = account.target(need) - account.held
     if want <= 0 or remaining <= 0:
         return 0
+    if partial:
+        must = min(must, remaining)
     grant = min(want, max(must, int(remaining * SHARE_OF_REMAINING)), remaining)
     return grant if grant >= must else 0
 

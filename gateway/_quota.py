@@ -202,10 +202,11 @@ class QuotaGuard:
                     self._lease(key, state, periods, needs)
             else:
                 await self._wait_for_lease(key, state, periods, needs, accounts)
-            blocked = [m for m, need in needs.items() if accounts[m].held < need]
+            # a money budget not yet spent admits a reservation larger than what is left: it takes all that is
+            # left and owes the rest (the overshoot: this one request's cost, at most)
+            blocked = [m for m, need in needs.items() if accounts[m].held < need and not (
+                m is COST_MONTH and accounts[m].held > 0 and not self._known_blocked(key, m, accounts[m], need))]
             if blocked:
-                if COST_MONTH in blocked:
-                    self._warn_budget(key.name, state, accounts[COST_MONTH], spent=True)
                 raise self._refusal(key, accounts, needs, blocked, now)
         for meter, need in needs.items():
             accounts[meter].take(need)
@@ -242,19 +243,19 @@ class QuotaGuard:
                 continue  # that window is over
             used = {"tokens": tokens, "requests": 1, "cost": cost_nano}[meter.unit]
             account.give_back(reserved - used)
+            account.settled += used
             if meter is COST_MONTH:
                 self._warn_budget(reservation.key, state, account)
 
-    def _warn_budget(self, name: str, state: _KeyState, account: Account, *, spent: bool = False) -> None:
-        """Log (and count) a key passing 80% and 100% of its monthly budget, once each per month and instance."""
+    def _warn_budget(self, name: str, state: _KeyState, account: Account) -> None:
+        """Log (and count) a key passing 80% and 100% of its monthly budget, once each per month and instance: by
+        the money really spent (counted, and this instance's settled costs), never slices or reservations."""
         limit = state.budget
         if limit is None:
             return
-        used = max(account.counted, account.known_used() - account.held)
+        spent = account.spent()
         for percent in BUDGET_WARNINGS:
-            if (account.period, percent) in state.warned:
-                continue
-            if not ((spent and percent == 100) or used * 100 >= limit * percent):
+            if (account.period, percent) in state.warned or spent * 100 < limit * percent:
                 continue
             state.warned.add((account.period, percent))
             log.warning("quota: key %s has spent %d%% of its monthly budget (%s)", name, percent, account.period)
@@ -284,8 +285,16 @@ class QuotaGuard:
         return needs
 
     def _known_blocked(self, key: KeyRecord, meter: Meter, account: Account, need: int) -> bool:
-        """Even the whole remainder this instance knows of cannot hold ``need``: no lease can help."""
-        return self._limit(key, meter) - account.known_used() + account.held < need
+        """Even the whole remainder this instance knows of cannot hold ``need`` (a money budget: nothing is left
+        at all): no lease can help."""
+        left = self._limit(key, meter) - account.known_used() + account.held
+        return left <= 0 if meter is COST_MONTH else left < need
+
+    def _leased_enough(self, key: KeyRecord, meter: Meter, account: Account, need: int) -> bool:
+        """No further lease can do more for ``need``: it is held, or (a money budget) nothing is left to lease."""
+        if account.held >= need or self._known_blocked(key, meter, account, need):
+            return True
+        return meter is COST_MONTH and self._limit(key, meter) - account.known_used() <= 0
 
     async def _wait_for_lease(self, key: KeyRecord, state: _KeyState, periods: dict[str, str],
                               needs: dict[Meter, int], accounts: dict[Meter, Account]) -> None:
@@ -304,8 +313,7 @@ class QuotaGuard:
                 break
             if self._clock() < state.failed_until:
                 break  # the lease failed
-            if all(accounts[m].held >= need or self._known_blocked(key, m, accounts[m], need)
-                   for m, need in needs.items()):
+            if all(self._leased_enough(key, m, accounts[m], need) for m, need in needs.items()):
                 return  # leased; what is still short is refused by the caller
         else:
             return
@@ -387,6 +395,10 @@ class QuotaGuard:
             account = state.accounts.get(meter)
             if account is not None and account.period == periods[meter.window]:
                 account.counted = max(account.counted, value)
+                if account.settled == 0:  # none of this instance's usage in it yet: a base to add it to
+                    account.base = account.counted
+                if meter is COST_MONTH:  # money spent through other instances shows here
+                    self._warn_budget(key.name, state, account)
 
     async def _write_slices(self, key: KeyRecord, state: _KeyState, periods: dict[str, str],
                             needs: dict[Meter, int]) -> None:
@@ -406,7 +418,8 @@ class QuotaGuard:
                     else 0
                 base = max(granted, account.counted)
                 account.seen = max(account.seen, granted)
-                grant = slice_to_lease(account, limit=limit, granted=base, need=needs.get(meter, 0))
+                grant = slice_to_lease(account, limit=limit, granted=base, need=needs.get(meter, 0),
+                                       partial=meter is COST_MONTH)
                 owed = account.owed
                 if grant or owed or base != granted:
                     row[meter.period_column] = account.period
@@ -424,6 +437,7 @@ class QuotaGuard:
                 account.held += grant
                 account.owed -= owed
                 account.seen = total
+                account.pay_owed()  # taken beyond the slice while the lease was on its way
             return
         log.warning("quota: the budget row of %s kept changing under %d leases; trying later", key.name,
                     MAX_CONFLICTS)
