@@ -65,6 +65,10 @@ BUDGET_WARNINGS = (80, 100)
 _USAGE_COLUMNS = {"tokens": "TotalTokens", "requests": "Requests", "cost": "CostNano"}
 
 
+def _smoothed(typical: int, value: int) -> int:
+    return value if typical == 0 else (typical * 3 + value) // 4
+
+
 class UsageReader(Protocol):
     """Where a key's counted usage comes from: ``TableUsage``, or a test's stand-in."""
 
@@ -106,8 +110,8 @@ class Reservation:
 
     key: str
     taken: dict[Meter, tuple[str, int]]  # meter -> (its window's period, amount)
-    remaining: int | None = None  # the key's remaining tokens after this admission (None: no token quota)
-    remaining_requests: int | None = None
+    remaining: int | None = None  # the key's x-ratelimit-remaining-tokens after this admission
+    remaining_requests: int | None = None  # and -requests (None: a reservation of no key's limits)
     settled: bool = False
 
     @property
@@ -116,7 +120,7 @@ class Reservation:
         return COST_MONTH in self.taken
 
     def headers(self) -> dict[str, str]:
-        """The key's own ``x-ratelimit-remaining-*`` (only for what it limits)."""
+        """The key's own ``x-ratelimit-remaining-tokens`` and ``-requests`` (both, for a key with any limit)."""
         headers = {}
         if self.remaining is not None:
             headers[REMAINING_HEADER] = str(self.remaining)
@@ -137,6 +141,8 @@ class _KeyState:
     last_lease: float = float("-inf")
     warned: set[tuple[str, int]] = field(default_factory=set)  # (month, percent) of the budget warnings logged
     budget: int | None = None  # the key's monthly money budget, as its last admission saw it
+    typical_tokens: int = 0  # a typical admitted request's reservation, smoothed: tokens ...
+    typical_cost: int = 0  # ... and nano-units
 
     def account(self, meter: Meter, period: str) -> Account:
         """The meter's account for ``period``; a request that arrived in a window already over (admitted just
@@ -192,6 +198,8 @@ class QuotaGuard:
         needs = self._needs(key, estimate, cost_nano)
         state = self._keys.setdefault(key.name, _KeyState())
         state.budget = key.limits.budget_nano_per_month
+        state.typical_tokens = _smoothed(state.typical_tokens, estimate)
+        state.typical_cost = _smoothed(state.typical_cost, cost_nano)
         accounts = {meter: state.account(meter, periods[meter.window]) for meter in needs}
         short = [m for m, need in needs.items() if accounts[m].held < need]
         if short:
@@ -215,7 +223,7 @@ class QuotaGuard:
                 and accounts[m].remaining(self._limit(key, m)) > accounts[m].held for m in needs):
             self._lease(key, state, periods, {})  # the next slice, before this one runs dry
         reservation = Reservation(key.name, {m: (accounts[m].period, need) for m, need in needs.items()})
-        reservation.remaining, reservation.remaining_requests = self._remaining(key, accounts)
+        reservation.remaining, reservation.remaining_requests = self._remaining(key, state, accounts)
         return reservation
 
     def remaining_headers(self, key: KeyRecord) -> dict[str, str]:
@@ -226,7 +234,7 @@ class QuotaGuard:
         accounts = {meter: state.account(meter, period_start(meter.window, now)) for meter in METERS
                     if limit_of(key.limits, meter) is not None}
         reservation = Reservation(key.name, {})
-        reservation.remaining, reservation.remaining_requests = self._remaining(key, accounts)
+        reservation.remaining, reservation.remaining_requests = self._remaining(key, state, accounts)
         return reservation.headers()
 
     def settle(self, reservation: Reservation, *, tokens: int, cost_nano: int = 0) -> None:
@@ -326,16 +334,33 @@ class QuotaGuard:
                 account.held += known
                 account.owed += known
 
-    def _remaining(self, key: KeyRecord, accounts: dict[Meter, Account]) -> tuple[int | None, int | None]:
-        tokens = [a.remaining(self._limit(key, m)) for m, a in accounts.items() if m.unit == "tokens"]
-        requests = accounts.get(REQUESTS_MINUTE)
-        return (min(tokens) if tokens else None,
-                None if requests is None else requests.remaining(self._limit(key, REQUESTS_MINUTE)))
+    def _remaining(self, key: KeyRecord, state: _KeyState, accounts: dict[Meter, Account]
+                   ) -> tuple[int | None, int | None]:
+        """``x-ratelimit-remaining-tokens`` and ``-requests`` of a key with limits (``None`` for one without).
+
+        A limited meter gives its own figure: the smallest remainder of the token windows, the request rate's
+        remainder. A meter the key does not limit gives what its limits leave of it at the key's typical
+        request (its smoothed reservation: tokens and cost; 1 before its first): tokens = remaining requests
+        × typical tokens, requests = remaining tokens (or budget) ÷ typical tokens (or cost), the smallest.
+        """
+        tokens_each, cost_each = max(state.typical_tokens, 1), max(state.typical_cost, 1)
+        token_windows = [a.remaining(self._limit(key, m)) for m, a in accounts.items() if m.unit == "tokens"]
+        tokens = min(token_windows) if token_windows else None
+        rate = accounts.get(REQUESTS_MINUTE)
+        requests = None if rate is None else rate.remaining(self._limit(key, REQUESTS_MINUTE))
+        money = accounts.get(COST_MONTH)
+        budget = None if money is None else money.remaining(self._limit(key, COST_MONTH))
+        fit = [n for n in (requests, None if tokens is None else tokens // tokens_each,
+                           None if budget is None else budget // cost_each) if n is not None]
+        if not fit:
+            return None, None
+        return (tokens if tokens is not None else min(fit) * tokens_each,
+                requests if requests is not None else min(fit))
 
     def _refusal(self, key: KeyRecord, accounts: dict[Meter, Account], needs: dict[Meter, int],
                  blocked: list[Meter], now: datetime) -> QuotaExceeded:
         wait = max((window_end(m.window, now) - now).total_seconds() for m in blocked)
-        tokens, requests = self._remaining(key, accounts)
+        tokens, requests = self._remaining(key, self._keys[key.name], accounts)
         headers = retry_after_headers(wait)
         if tokens is not None:
             headers[REMAINING_HEADER] = str(tokens)

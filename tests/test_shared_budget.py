@@ -366,3 +366,42 @@ def test_money_reservations_hold_whatever_the_rates(storage: str) -> None:
         spent = sum(r.prompt_tokens * 1000 + r.completion_tokens * 100_000_000 for r in records)
         one_request = max(r.prompt_tokens * 1000 + r.completion_tokens * 100_000_000 for r in records)
         assert spent <= 3_000_000_000 + one_request, (spent, len(records))
+
+
+@pytest.mark.parametrize("limits", [
+    Limits(requests_per_minute=100), Limits(tokens_per_minute=1000), Limits(budget_nano_per_month=10**9)],
+    ids=["requests only", "tokens only", "budget only"])
+def test_a_key_limiting_one_meter_gets_both_headers_of_its_own(gateway: Gateway, limits: Limits) -> None:
+    """A key with any limit gets x-ratelimit-remaining-tokens and -requests, its own (never the backend's), on every
+    answer: a body, a stream, the gateway's refusals, the models list and a call on a stored response."""
+    key = gateway.create_key(f"one-{uuid.uuid4().hex[:8]}", limits)
+    client = client_for(gateway, key)
+    answers: list[Any] = [client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES,
+                                                                           max_tokens=20)]
+    answers.append(client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES, max_tokens=20,
+                                                                    stream=True))
+    v1 = openai.OpenAI(base_url=gateway.url + "/openai/v1", api_key=key, max_retries=0)
+    created = v1.responses.create(model="gpt-4o", input="hi", max_output_tokens=20)
+    answers.append(v1.responses.with_raw_response.retrieve(created.id))
+    figures = [own_headers(answer.headers) for answer in answers]
+    tokens, requests = figures[-1]
+    assert tokens > 0 and requests > 0
+    if limits.requests_per_minute is not None:
+        assert [r for _, r in figures] == [99, 98, 97]  # the stored call uses no request
+    if limits.tokens_per_minute is not None:
+        assert tokens < 1000 - 2 * 28
+    chat = gateway.url + "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+    headers = {"api-key": key, "content-type": "application/json"}
+    refusals = [http("POST", chat, headers=headers, body=b"{not json"),
+                http("POST", chat, headers=headers, body=json.dumps({"messages": MESSAGES,
+                                                                      "max_tokens": 5000}).encode())]
+    assert refusals[0].status == 400
+    assert refusals[1].status == (400 if limits.tokens_per_minute is not None else 200)  # QuotaTooSmall
+    models = http("GET", gateway.url + "/openai/v1/models", headers={"api-key": key})
+    assert models.status == 200
+    for answer in (*refusals, models):
+        tokens_left, requests_left = (answer.headers.get("x-ratelimit-remaining-tokens"),
+                                      answer.headers.get("x-ratelimit-remaining-requests"))
+        assert tokens_left is not None and requests_left is not None, (answer.status, answer.headers)
+        assert tokens_left != BACKEND_TOKENS and requests_left != BACKEND_REQUESTS
+        assert int(tokens_left) >= 0 and int(requests_left) >= 0
