@@ -25,6 +25,10 @@ instance admits from the last figures it knew (at most the quota's remainder as 
 instance). Usage counted in the ``usage`` table that the row does not show (usage before the row, admissions
 of failing-open instances) raises the granted figure at the next lease: ``granted = max(granted, counted)``.
 Unused slices are handed back when the instance stops; a slice left at a window's end lapses with it.
+
+A money budget (``CostMonth``) differs in one way: a request whose reservation is larger than what is left of
+a budget not yet spent takes all that is left (``slice_to_lease(partial=True)``) and owes the rest, so the
+month's cost passes the budget by at most one request's cost per instance (the last each admitted).
 """
 
 from __future__ import annotations
@@ -117,6 +121,7 @@ class Account:
     rate_since: float | None = None
     typical: int = 0  # a typical reservation, smoothed
     settled: int = 0  # the real usage of this instance's requests settled in the window
+    overrun: int = 0  # the most a settled request of the window used beyond its reservation
     base: int | None = None  # the window's counted usage as read before this instance settled anything in it
 
     def spent(self) -> int:

@@ -128,7 +128,8 @@ class Proxy:
                 cost = 0 if key.limits.budget_nano_per_month is None else self._reservation_cost(call, estimate,
                                                                                                 arrived)
                 call.reservation = await self._quota.admit(key, estimate=estimate, cost_nano=cost,
-                                                           arrived=arrived.timestamp())
+                                                           arrived=arrived.timestamp(),
+                                                           capped=completion_reservation(call.body) > 0)
                 call.response_headers.update(call.reservation.headers())
             elif key.limits.any:  # a call on a stored response uses no quota, but says what is left
                 call.response_headers.update(self._quota.remaining_headers(key))

@@ -186,12 +186,15 @@ class QuotaGuard:
 
     # -- admission -----------------------------------------------------------------------------
 
-    async def admit(self, key: KeyRecord, *, estimate: int, cost_nano: int = 0, arrived: float | None = None
-                    ) -> Reservation:
+    async def admit(self, key: KeyRecord, *, estimate: int, cost_nano: int = 0, arrived: float | None = None,
+                    capped: bool = True) -> Reservation:
         """Reserve ``estimate`` tokens, one request and ``cost_nano`` for ``key``, or raise ``QuotaExceeded``
         (429), ``QuotaUnavailable`` (503, failing closed) or ``BadRequest`` (a request no window can hold).
 
-        ``arrived`` (wall-clock seconds) picks the windows, as the aggregator does with the event's time.
+        ``arrived`` (wall-clock seconds) picks the windows, as the aggregator does with the event's time. A
+        request that sets no output cap (``capped=False``) also reserves, out of a money budget, the most a
+        request of the key has cost beyond its reservation this month on this instance: requests without a cap
+        in flight together then pass the budget by their completions beyond that, not by all of them.
         """
         now = datetime.fromtimestamp(self._wall_clock() if arrived is None else arrived, UTC)
         periods = {window: period_start(window, now) for window in WINDOWS}
@@ -201,6 +204,8 @@ class QuotaGuard:
         state.typical_tokens = _smoothed(state.typical_tokens, estimate)
         state.typical_cost = _smoothed(state.typical_cost, cost_nano)
         accounts = {meter: state.account(meter, periods[meter.window]) for meter in needs}
+        if not capped and COST_MONTH in needs and needs[COST_MONTH] > 0:
+            needs[COST_MONTH] += accounts[COST_MONTH].overrun
         short = [m for m, need in needs.items() if accounts[m].held < need]
         if short:
             blocked = [m for m in short if self._known_blocked(key, m, accounts[m], needs[m])]
@@ -252,6 +257,7 @@ class QuotaGuard:
             used = {"tokens": tokens, "requests": 1, "cost": cost_nano}[meter.unit]
             account.give_back(reserved - used)
             account.settled += used
+            account.overrun = max(account.overrun, used - reserved)
             if meter is COST_MONTH:
                 self._warn_budget(reservation.key, state, account)
 

@@ -318,6 +318,29 @@ async def test_a_spent_budget_refuses_though_a_lease_landed_after_the_overshoot(
         await admit(g, key, 1, cost_nano=100_000_000)
 
 
+async def test_requests_without_a_cap_reserve_what_such_requests_overran() -> None:
+    """Requests without an output cap reserve their prompt, and out of a money budget also the most such a request
+    has cost beyond its reservation: several in flight together pass the budget by one request, not by all."""
+    budgets, clock = MemoryBudgets(), FakeClock()
+    key = team(budget_nano_per_month=1_000_000)
+    g = guard(budgets, clock)
+
+    async def uncapped() -> Reservation:
+        async with asyncio.timeout(NO_WAIT):
+            return await g.admit(key, estimate=10, cost_nano=10_000, capped=False)
+
+    g.settle(await uncapped(), tokens=300, cost_nano=300_000)  # a long completion: 290,000 beyond its reservation
+    in_flight: list[Reservation] = []
+    with pytest.raises(QuotaExceeded):
+        for _ in range(10):
+            in_flight.append(await uncapped())
+    assert len(in_flight) == 3  # 300,000 + 300,000 + the 100,000 left
+    for reservation in in_flight:
+        g.settle(reservation, tokens=300, cost_nano=300_000)
+    spent = 300_000 * (1 + len(in_flight))
+    assert spent <= 1_000_000 + 300_000
+
+
 async def test_budget_warnings_count_money_spent_not_slices(caplog: pytest.LogCaptureFixture) -> None:
     """Two instances: slices another instance leased (and reservations it holds) are not spending; a warning comes
     from money settled by this instance or counted in the usage table, once each per month, naming the key."""
