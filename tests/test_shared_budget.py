@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from azure.data.tables import TableServiceClient
 
 from gateway._budget import BUDGET_ROW, BUDGET_TABLE, window_end
 from gateway._quota import RECHECK_SECONDS
+from tests.fakes import CLOCK_START
 from tests.harness import Gateway, eventually, http, running_gateway
 from tests.storage_proxy import StorageProxy, storage_proxy
 from usage._keys import Limits
@@ -48,6 +50,12 @@ def own_headers(headers: Any) -> tuple[int, int]:
     assert len(tokens) == 1 and len(requests) == 1, (tokens, requests)
     assert tokens != [BACKEND_TOKENS] and requests != [BACKEND_REQUESTS]
     return int(tokens[0]), int(requests[0])
+
+
+def at_a_minute_start(gw: Gateway) -> None:
+    """Move the worker's clocks to just after a UTC minute begins, so that a test's requests share one minute."""
+    wall = time.time() + (gw.clock() - CLOCK_START)
+    gw.clock.advance(60 - wall % 60 + 0.5)
 
 
 def budget_row(storage: str, name: str) -> dict[str, Any]:
@@ -267,6 +275,7 @@ def test_every_answer_of_a_key_with_limits_carries_its_own_remaining(gateway: Ga
     name = f"team-{uuid.uuid4().hex[:8]}"
     key = gateway.create_key(name, Limits(tokens_per_minute=1000, requests_per_minute=100))
     client = client_for(gateway, key)
+    at_a_minute_start(gateway)
     raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES, max_tokens=20)
     tokens, requests = own_headers(raw.headers)
     assert tokens <= 1000 - 28 and requests == 99
@@ -376,6 +385,7 @@ def test_a_key_limiting_one_meter_gets_both_headers_of_its_own(gateway: Gateway,
     answer: a body, a stream, the gateway's refusals, the models list and a call on a stored response."""
     key = gateway.create_key(f"one-{uuid.uuid4().hex[:8]}", limits)
     client = client_for(gateway, key)
+    at_a_minute_start(gateway)
     answers: list[Any] = [client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES,
                                                                            max_tokens=20)]
     answers.append(client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES, max_tokens=20,
