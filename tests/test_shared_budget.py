@@ -415,3 +415,14 @@ def test_a_key_limiting_one_meter_gets_both_headers_of_its_own(gateway: Gateway,
         assert tokens_left is not None and requests_left is not None, (answer.status, answer.headers)
         assert tokens_left != BACKEND_TOKENS and requests_left != BACKEND_REQUESTS
         assert int(tokens_left) >= 0 and int(requests_left) >= 0
+
+
+def test_a_request_larger_than_the_budget_left_is_served_while_it_is_not_spent(storage: str) -> None:
+    """A budget of 1 USD with nothing spent serves a request whose reservation (100,000 tokens at 10 USD a million)
+    is larger than all of it, and the next one too (it cost far less), without a warning of a spent budget."""
+    with running_gateway(storage, prices=PRICES) as gw:
+        name = f"big-{uuid.uuid4().hex[:8]}"
+        client = client_for(gw, gw.create_key(name, Limits(budget_nano_per_month=1_000_000_000)))
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=100_000)
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=10)
+        assert not any(name in line and "budget" in line for line in gw.logs.lines)
