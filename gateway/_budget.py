@@ -25,6 +25,10 @@ instance admits from the last figures it knew (at most the quota's remainder as 
 instance). Usage counted in the ``usage`` table that the row does not show (usage before the row, admissions
 of failing-open instances) raises the granted figure at the next lease: ``granted = max(granted, counted)``.
 Unused slices are handed back when the instance stops; a slice left at a window's end lapses with it.
+
+A money budget (``CostMonth``) differs in one way: a request whose reservation is larger than what is left of
+a budget not yet spent takes all that is left (``slice_to_lease(partial=True)``) and owes the rest, so the
+month's cost passes the budget by at most one request's cost per instance (the last each admitted).
 """
 
 from __future__ import annotations
@@ -116,6 +120,15 @@ class Account:
     rate: float = 0.0  # taken per second, smoothed
     rate_since: float | None = None
     typical: int = 0  # a typical reservation, smoothed
+    settled: int = 0  # the real usage of this instance's requests settled in the window
+    overrun: int = 0  # the most a settled request of the window used beyond its reservation
+    base: int | None = None  # the window's counted usage as read before this instance settled anything in it
+
+    def spent(self) -> int:
+        """What the window has really used as far as this instance knows — counted in the usage table, or counted
+        before its first settlement plus its own settled usage since — never slices or reservations (a lower
+        bound: other instances' usage shows once counted)."""
+        return max(self.counted, (self.base or 0) + self.settled)
 
     def known_used(self) -> int:
         """Everything taken out of the window as far as this instance knows (its own held slice included)."""
@@ -134,14 +147,23 @@ class Account:
         self.typical = amount if self.typical == 0 else (self.typical * 3 + amount) // 4
 
     def give_back(self, amount: int) -> None:
-        """A settled request used ``amount`` less than it reserved (negative: more)."""
+        """A settled request used ``amount`` less than it reserved (negative: more). What it gives back first pays
+        what is owed (a reservation taken beyond the slice), then goes back to the slice."""
         if amount >= 0:
-            self.held += amount
+            paid = min(amount, self.owed)
+            self.owed -= paid
+            self.held += amount - paid
             return
         covered = min(-amount, max(self.held, 0))
         self.held -= covered
         self.owed += -amount - covered
         self.consumed += -amount
+
+    def pay_owed(self) -> None:
+        """Cover what is owed out of the slice, as far as it goes (a lease landed after usage past the slice)."""
+        paid = min(max(self.held, 0), self.owed)
+        self.held -= paid
+        self.owed -= paid
 
     def target(self, need: int) -> int:
         """What to hold after a lease: ``LEASE_HORIZON`` seconds of use, at least ``MIN_REQUESTS_PER_SLICE``
@@ -163,17 +185,20 @@ class Account:
         self.rate_since = clock
 
 
-def slice_to_lease(account: Account, *, limit: int, granted: int, need: int) -> int:
+def slice_to_lease(account: Account, *, limit: int, granted: int, need: int, partial: bool = False) -> int:
     """How much to lease for ``account`` when the row says ``granted`` is taken out of its window.
 
     Tops the slice up to its ``target``, taking at most ``SHARE_OF_REMAINING`` of what the window has left
-    but enough for ``need`` (the waiting request's reservation); 0 when even that does not fit.
+    but enough for ``need`` (the waiting request's reservation); 0 when even that does not fit — or, with
+    ``partial`` (a money budget, whose last request may overshoot it), all that is left.
     """
     remaining = limit - max(granted, account.counted) - account.owed
     must = need - account.held
     want = account.target(need) - account.held
     if want <= 0 or remaining <= 0:
         return 0
+    if partial:
+        must = min(must, remaining)
     grant = min(want, max(must, int(remaining * SHARE_OF_REMAINING)), remaining)
     return grant if grant >= must else 0
 

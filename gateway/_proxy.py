@@ -124,9 +124,12 @@ class Proxy:
                     check_scope(key, call.deployment, response_id=call.response_id)
             if key.limits.any and not endpoint.stored:
                 estimate = self._reservation_estimate(call)
-                cost = self._reservation_cost(call, estimate) if key.limits.budget_nano_per_month is not None else 0
-                call.reservation = await self._quota.admit(
-                    key, estimate=estimate, cost_nano=cost, arrived=datetime.fromisoformat(context.arrived).timestamp())
+                arrived = datetime.fromisoformat(context.arrived)
+                cost = 0 if key.limits.budget_nano_per_month is None else self._reservation_cost(call, estimate,
+                                                                                                arrived)
+                call.reservation = await self._quota.admit(key, estimate=estimate, cost_nano=cost,
+                                                           arrived=arrived.timestamp(),
+                                                           capped=completion_reservation(call.body) > 0)
                 call.response_headers.update(call.reservation.headers())
             elif key.limits.any:  # a call on a stored response uses no quota, but says what is left
                 call.response_headers.update(self._quota.remaining_headers(key))
@@ -177,10 +180,12 @@ class Proxy:
         """What a request may use: its prompt estimate plus its completion cap, as AOAI's limiter counts."""
         return self._prompt_estimate(call, call.deployment) + completion_reservation(call.body)
 
-    def _reservation_cost(self, call: Call, estimate: int) -> int:
-        """A reservation's price for a money budget: every token at the deployment's output rate (0 unpriced)."""
-        price = self._settings.prices.lookup(call.deployment, None, datetime.fromtimestamp(self._wall_clock(), UTC))
-        return 0 if price is None else estimate * price.output
+    def _reservation_cost(self, call: Call, estimate: int, arrived: datetime) -> int:
+        """A reservation's price for a money budget, an upper bound on what the request can cost whatever the
+        backend: every token of the estimate (at least one) at the highest rate of the entry in force — input,
+        cached input or output, of the deployment or any of its backend overrides. 0 when it has no price."""
+        entry = self._settings.prices.entry(call.deployment, arrived)
+        return 0 if entry is None else max(estimate, 1) * entry.highest_rate
 
     def _settled_cost(self, context: _Context, backend: str, usage: Usage) -> int:
         """What the request cost, as the aggregator prices it (0 when no price is in force)."""

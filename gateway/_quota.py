@@ -2,8 +2,8 @@
 
 At admission a request reserves, out of this instance's slice of each of its key's limited meters, its
 prompt estimate plus the largest output cap the body sets (tokens), one request (requests per minute) and
-that reservation priced at the deployment's output rate (the money budget). When it ends, the reservation
-is settled to its real usage: the difference goes back to the slice, or what it used beyond the
+that reservation priced at the highest rate of the deployment's price in force (the money budget). When it
+ends, the reservation is settled to its real usage: the difference goes back to the slice, or what it used beyond the
 reservation is taken too. Windows are fixed UTC minutes, days and months, the periods the aggregator counts.
 
 Slices are leased from the key's row in the ``quotabudgets`` table (see ``_budget`` for the row and the
@@ -65,6 +65,10 @@ BUDGET_WARNINGS = (80, 100)
 _USAGE_COLUMNS = {"tokens": "TotalTokens", "requests": "Requests", "cost": "CostNano"}
 
 
+def _smoothed(typical: int, value: int) -> int:
+    return value if typical == 0 else (typical * 3 + value) // 4
+
+
 class UsageReader(Protocol):
     """Where a key's counted usage comes from: ``TableUsage``, or a test's stand-in."""
 
@@ -106,8 +110,8 @@ class Reservation:
 
     key: str
     taken: dict[Meter, tuple[str, int]]  # meter -> (its window's period, amount)
-    remaining: int | None = None  # the key's remaining tokens after this admission (None: no token quota)
-    remaining_requests: int | None = None
+    remaining: int | None = None  # the key's x-ratelimit-remaining-tokens after this admission
+    remaining_requests: int | None = None  # and -requests (None: a reservation of no key's limits)
     settled: bool = False
 
     @property
@@ -116,7 +120,7 @@ class Reservation:
         return COST_MONTH in self.taken
 
     def headers(self) -> dict[str, str]:
-        """The key's own ``x-ratelimit-remaining-*`` (only for what it limits)."""
+        """The key's own ``x-ratelimit-remaining-tokens`` and ``-requests`` (both, for a key with any limit)."""
         headers = {}
         if self.remaining is not None:
             headers[REMAINING_HEADER] = str(self.remaining)
@@ -137,6 +141,8 @@ class _KeyState:
     last_lease: float = float("-inf")
     warned: set[tuple[str, int]] = field(default_factory=set)  # (month, percent) of the budget warnings logged
     budget: int | None = None  # the key's monthly money budget, as its last admission saw it
+    typical_tokens: int = 0  # a typical admitted request's reservation, smoothed: tokens ...
+    typical_cost: int = 0  # ... and nano-units
 
     def account(self, meter: Meter, period: str) -> Account:
         """The meter's account for ``period``; a request that arrived in a window already over (admitted just
@@ -180,19 +186,26 @@ class QuotaGuard:
 
     # -- admission -----------------------------------------------------------------------------
 
-    async def admit(self, key: KeyRecord, *, estimate: int, cost_nano: int = 0, arrived: float | None = None
-                    ) -> Reservation:
+    async def admit(self, key: KeyRecord, *, estimate: int, cost_nano: int = 0, arrived: float | None = None,
+                    capped: bool = True) -> Reservation:
         """Reserve ``estimate`` tokens, one request and ``cost_nano`` for ``key``, or raise ``QuotaExceeded``
         (429), ``QuotaUnavailable`` (503, failing closed) or ``BadRequest`` (a request no window can hold).
 
-        ``arrived`` (wall-clock seconds) picks the windows, as the aggregator does with the event's time.
+        ``arrived`` (wall-clock seconds) picks the windows, as the aggregator does with the event's time. A
+        request that sets no output cap (``capped=False``) also reserves, out of a money budget, the most a
+        request of the key has cost beyond its reservation this month on this instance: requests without a cap
+        in flight together then pass the budget by their completions beyond that, not by all of them.
         """
         now = datetime.fromtimestamp(self._wall_clock() if arrived is None else arrived, UTC)
         periods = {window: period_start(window, now) for window in WINDOWS}
         needs = self._needs(key, estimate, cost_nano)
         state = self._keys.setdefault(key.name, _KeyState())
         state.budget = key.limits.budget_nano_per_month
+        state.typical_tokens = _smoothed(state.typical_tokens, estimate)
+        state.typical_cost = _smoothed(state.typical_cost, cost_nano)
         accounts = {meter: state.account(meter, periods[meter.window]) for meter in needs}
+        if not capped and COST_MONTH in needs and needs[COST_MONTH] > 0:
+            needs[COST_MONTH] += accounts[COST_MONTH].overrun
         short = [m for m, need in needs.items() if accounts[m].held < need]
         if short:
             blocked = [m for m in short if self._known_blocked(key, m, accounts[m], needs[m])]
@@ -202,10 +215,11 @@ class QuotaGuard:
                     self._lease(key, state, periods, needs)
             else:
                 await self._wait_for_lease(key, state, periods, needs, accounts)
-            blocked = [m for m, need in needs.items() if accounts[m].held < need]
+            # a money budget not yet spent admits a reservation larger than what is left: it takes all that is
+            # left and owes the rest (the overshoot: this one request's cost, at most)
+            blocked = [m for m, need in needs.items() if accounts[m].held < need and not (
+                m is COST_MONTH and accounts[m].held > 0 and not self._known_blocked(key, m, accounts[m], need))]
             if blocked:
-                if COST_MONTH in blocked:
-                    self._warn_budget(key.name, state, accounts[COST_MONTH], spent=True)
                 raise self._refusal(key, accounts, needs, blocked, now)
         for meter, need in needs.items():
             accounts[meter].take(need)
@@ -214,7 +228,7 @@ class QuotaGuard:
                 and accounts[m].remaining(self._limit(key, m)) > accounts[m].held for m in needs):
             self._lease(key, state, periods, {})  # the next slice, before this one runs dry
         reservation = Reservation(key.name, {m: (accounts[m].period, need) for m, need in needs.items()})
-        reservation.remaining, reservation.remaining_requests = self._remaining(key, accounts)
+        reservation.remaining, reservation.remaining_requests = self._remaining(key, state, accounts)
         return reservation
 
     def remaining_headers(self, key: KeyRecord) -> dict[str, str]:
@@ -225,7 +239,7 @@ class QuotaGuard:
         accounts = {meter: state.account(meter, period_start(meter.window, now)) for meter in METERS
                     if limit_of(key.limits, meter) is not None}
         reservation = Reservation(key.name, {})
-        reservation.remaining, reservation.remaining_requests = self._remaining(key, accounts)
+        reservation.remaining, reservation.remaining_requests = self._remaining(key, state, accounts)
         return reservation.headers()
 
     def settle(self, reservation: Reservation, *, tokens: int, cost_nano: int = 0) -> None:
@@ -242,19 +256,20 @@ class QuotaGuard:
                 continue  # that window is over
             used = {"tokens": tokens, "requests": 1, "cost": cost_nano}[meter.unit]
             account.give_back(reserved - used)
+            account.settled += used
+            account.overrun = max(account.overrun, used - reserved)
             if meter is COST_MONTH:
                 self._warn_budget(reservation.key, state, account)
 
-    def _warn_budget(self, name: str, state: _KeyState, account: Account, *, spent: bool = False) -> None:
-        """Log (and count) a key passing 80% and 100% of its monthly budget, once each per month and instance."""
+    def _warn_budget(self, name: str, state: _KeyState, account: Account) -> None:
+        """Log (and count) a key passing 80% and 100% of its monthly budget, once each per month and instance: by
+        the money really spent (counted, and this instance's settled costs), never slices or reservations."""
         limit = state.budget
         if limit is None:
             return
-        used = max(account.counted, account.known_used() - account.held)
+        spent = account.spent()
         for percent in BUDGET_WARNINGS:
-            if (account.period, percent) in state.warned:
-                continue
-            if not ((spent and percent == 100) or used * 100 >= limit * percent):
+            if (account.period, percent) in state.warned or spent * 100 < limit * percent:
                 continue
             state.warned.add((account.period, percent))
             log.warning("quota: key %s has spent %d%% of its monthly budget (%s)", name, percent, account.period)
@@ -284,8 +299,16 @@ class QuotaGuard:
         return needs
 
     def _known_blocked(self, key: KeyRecord, meter: Meter, account: Account, need: int) -> bool:
-        """Even the whole remainder this instance knows of cannot hold ``need``: no lease can help."""
-        return self._limit(key, meter) - account.known_used() + account.held < need
+        """Even the whole remainder this instance knows of cannot hold ``need`` (a money budget: nothing is left
+        at all): no lease can help."""
+        left = self._limit(key, meter) - account.known_used() + account.held
+        return left <= 0 if meter is COST_MONTH else left < need
+
+    def _leased_enough(self, key: KeyRecord, meter: Meter, account: Account, need: int) -> bool:
+        """No further lease can do more for ``need``: it is held, or (a money budget) nothing is left to lease."""
+        if account.held >= need or self._known_blocked(key, meter, account, need):
+            return True
+        return meter is COST_MONTH and self._limit(key, meter) - account.known_used() <= 0
 
     async def _wait_for_lease(self, key: KeyRecord, state: _KeyState, periods: dict[str, str],
                               needs: dict[Meter, int], accounts: dict[Meter, Account]) -> None:
@@ -304,8 +327,7 @@ class QuotaGuard:
                 break
             if self._clock() < state.failed_until:
                 break  # the lease failed
-            if all(accounts[m].held >= need or self._known_blocked(key, m, accounts[m], need)
-                   for m, need in needs.items()):
+            if all(self._leased_enough(key, m, accounts[m], need) for m, need in needs.items()):
                 return  # leased; what is still short is refused by the caller
         else:
             return
@@ -318,16 +340,33 @@ class QuotaGuard:
                 account.held += known
                 account.owed += known
 
-    def _remaining(self, key: KeyRecord, accounts: dict[Meter, Account]) -> tuple[int | None, int | None]:
-        tokens = [a.remaining(self._limit(key, m)) for m, a in accounts.items() if m.unit == "tokens"]
-        requests = accounts.get(REQUESTS_MINUTE)
-        return (min(tokens) if tokens else None,
-                None if requests is None else requests.remaining(self._limit(key, REQUESTS_MINUTE)))
+    def _remaining(self, key: KeyRecord, state: _KeyState, accounts: dict[Meter, Account]
+                   ) -> tuple[int | None, int | None]:
+        """``x-ratelimit-remaining-tokens`` and ``-requests`` of a key with limits (``None`` for one without).
+
+        A limited meter gives its own figure: the smallest remainder of the token windows, the request rate's
+        remainder. A meter the key does not limit gives what its limits leave of it at the key's typical
+        request (its smoothed reservation: tokens and cost; 1 before its first): tokens = remaining requests
+        × typical tokens, requests = remaining tokens (or budget) ÷ typical tokens (or cost), the smallest.
+        """
+        tokens_each, cost_each = max(state.typical_tokens, 1), max(state.typical_cost, 1)
+        token_windows = [a.remaining(self._limit(key, m)) for m, a in accounts.items() if m.unit == "tokens"]
+        tokens = min(token_windows) if token_windows else None
+        rate = accounts.get(REQUESTS_MINUTE)
+        requests = None if rate is None else rate.remaining(self._limit(key, REQUESTS_MINUTE))
+        money = accounts.get(COST_MONTH)
+        budget = None if money is None else money.remaining(self._limit(key, COST_MONTH))
+        fit = [n for n in (requests, None if tokens is None else tokens // tokens_each,
+                           None if budget is None else budget // cost_each) if n is not None]
+        if not fit:
+            return None, None
+        return (tokens if tokens is not None else min(fit) * tokens_each,
+                requests if requests is not None else min(fit))
 
     def _refusal(self, key: KeyRecord, accounts: dict[Meter, Account], needs: dict[Meter, int],
                  blocked: list[Meter], now: datetime) -> QuotaExceeded:
         wait = max((window_end(m.window, now) - now).total_seconds() for m in blocked)
-        tokens, requests = self._remaining(key, accounts)
+        tokens, requests = self._remaining(key, self._keys[key.name], accounts)
         headers = retry_after_headers(wait)
         if tokens is not None:
             headers[REMAINING_HEADER] = str(tokens)
@@ -387,6 +426,10 @@ class QuotaGuard:
             account = state.accounts.get(meter)
             if account is not None and account.period == periods[meter.window]:
                 account.counted = max(account.counted, value)
+                if account.settled == 0:  # none of this instance's usage in it yet: a base to add it to
+                    account.base = account.counted
+                if meter is COST_MONTH:  # money spent through other instances shows here
+                    self._warn_budget(key.name, state, account)
 
     async def _write_slices(self, key: KeyRecord, state: _KeyState, periods: dict[str, str],
                             needs: dict[Meter, int]) -> None:
@@ -406,7 +449,8 @@ class QuotaGuard:
                     else 0
                 base = max(granted, account.counted)
                 account.seen = max(account.seen, granted)
-                grant = slice_to_lease(account, limit=limit, granted=base, need=needs.get(meter, 0))
+                grant = slice_to_lease(account, limit=limit, granted=base, need=needs.get(meter, 0),
+                                       partial=meter is COST_MONTH)
                 owed = account.owed
                 if grant or owed or base != granted:
                     row[meter.period_column] = account.period
@@ -424,6 +468,7 @@ class QuotaGuard:
                 account.held += grant
                 account.owed -= owed
                 account.seen = total
+                account.pay_owed()  # taken beyond the slice while the lease was on its way
             return
         log.warning("quota: the budget row of %s kept changing under %d leases; trying later", key.name,
                     MAX_CONFLICTS)

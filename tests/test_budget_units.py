@@ -4,6 +4,7 @@ an injected clock and an in-memory row with ETags that counts its operations."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections.abc import Mapping
@@ -193,7 +194,7 @@ async def test_request_rate_limit_counts_requests() -> None:
             await settle()
     assert len(results) == 25
     assert caught.value.headers["x-ratelimit-remaining-requests"] == "0"
-    assert "x-ratelimit-remaining-tokens" not in caught.value.headers
+    assert caught.value.headers["x-ratelimit-remaining-tokens"] == "0"  # no request left: no tokens either
     assert "requests per minute" in caught.value.message
     assert budgets.granted("team-budget", REQUESTS_MINUTE) <= 25
 
@@ -254,39 +255,120 @@ async def test_unreachable_storage_fails_closed_when_asked() -> None:
 
 
 async def test_money_budget_refuses_when_spent() -> None:
-    """The monthly budget in nano-units: reservations priced by the caller, refused once spent, with Retry-After to
-    the start of next month."""
+    """The monthly budget in nano-units: reservations priced by the caller; a reservation larger than what is left
+    of a budget not yet spent takes what is left (the overshoot is that one request), and once the month's spending
+    has reached the budget every request is refused, with Retry-After to the start of next month."""
     budgets, clock = MemoryBudgets(), FakeClock()
     key = team(budget_nano_per_month=1_000_000)
     g = guard(budgets, clock)
-    reservation = await admit(g, key, 10, cost_nano=600_000)
-    g.settle(reservation, tokens=10, cost_nano=500_000)
-    with pytest.raises(QuotaExceeded) as caught:
-        await admit(g, key, 10, cost_nano=600_000)
-    assert "monthly budget" in caught.value.message
-    assert int(caught.value.headers["Retry-After"]) == int(datetime(2026, 12, 1, tzinfo=UTC).timestamp() - NOON)
+    g.settle(await admit(g, key, 10, cost_nano=600_000), tokens=10, cost_nano=500_000)
+    g.settle(await admit(g, key, 10, cost_nano=600_000), tokens=10, cost_nano=400_000)  # 500,000 were left
+    g.settle(await admit(g, key, 10, cost_nano=600_000), tokens=10, cost_nano=300_000)  # 100,000 were left
+    for _ in range(3):  # 1,200,000 spent
+        with pytest.raises(QuotaExceeded) as caught:
+            await admit(g, key, 10, cost_nano=1)
+        assert "monthly budget" in caught.value.message and "spent" in caught.value.message
+        assert int(caught.value.headers["Retry-After"]) == int(datetime(2026, 12, 1, tzinfo=UTC).timestamp() - NOON)
+    clock.advance(RECHECK_SECONDS)
+    with pytest.raises(QuotaExceeded):
+        await admit(g, key, 10, cost_nano=1)  # re-reads the row, in the background
+    await settle()
+    assert budgets.granted("team-budget", COST_MONTH) == 1_200_000  # what was spent, the overshoot included
     assert COST_MONTH.column == "CostMonth"
 
 
-async def test_budget_warnings_at_80_and_100_percent(caplog: pytest.LogCaptureFixture) -> None:
-    """A warning naming the key and its budget at 80% and at 100%, once each per month, counted by the hook."""
+async def test_a_reservation_larger_than_what_is_left_is_not_called_spent(caplog: pytest.LogCaptureFixture) -> None:
+    """A budget with nothing spent admits a request whose reservation is larger than the whole budget, and says
+    nothing of 100%; the warnings come when the money really spent crosses 80% and 100%, not before."""
     budgets, clock = MemoryBudgets(), FakeClock()
-    warned: list[tuple[str, int]] = []
+    warned: list[int] = []
     g = QuotaGuard(FakeUsage(), budgets, cache_seconds=QUOTA_CACHE, read_timeout=NO_WAIT, refresh_timeout=NO_WAIT,
-                   clock=clock, wall_clock=lambda: NOON, on_budget_warning=lambda k, p: warned.append((k, p)))
-    key = team(budget_nano_per_month=1_000_000)
-    for cost in (500_000, 350_000):
-        g.settle(await admit(g, key, 10, cost_nano=cost), tokens=10, cost_nano=cost)
-    assert warned == [("team-budget", 80)]
-    g.settle(await admit(g, key, 10, cost_nano=100_000), tokens=10, cost_nano=100_000)
-    with pytest.raises(QuotaExceeded):
-        await admit(g, key, 10, cost_nano=100_000)
-    with pytest.raises(QuotaExceeded):
-        await admit(g, key, 10, cost_nano=100_000)
-    assert warned == [("team-budget", 80), ("team-budget", 100)]
+                   clock=clock, wall_clock=lambda: NOON, on_budget_warning=lambda k, p: warned.append(p))
+    key = team(budget_nano_per_month=2_000_000)
+    g.settle(await admit(g, key, 10, cost_nano=5_000_000), tokens=10, cost_nano=10_000)  # larger than the budget
+    spent = 10_000
+    while True:  # reservations of 1,100,000 costing 520,000: refused only once 2,000,000 are spent
+        try:
+            reservation = await admit(g, key, 10, cost_nano=1_100_000)
+        except QuotaExceeded:
+            break
+        assert spent < 2_000_000
+        assert warned == ([80] if spent >= 1_600_000 else [])
+        g.settle(reservation, tokens=10, cost_nano=520_000)
+        spent += 520_000
+    assert spent == 10_000 + 4 * 520_000 and warned == [80, 100]
     lines = [r.getMessage() for r in caplog.records if "budget" in r.getMessage()]
     assert len(lines) == 2 and all("team-budget" in line for line in lines)
     assert "80%" in lines[0] and "100%" in lines[1]
+
+
+async def test_a_spent_budget_refuses_though_a_lease_landed_after_the_overshoot() -> None:
+    """A request that cost more than the budget's remainder spends it, even when a lease ahead lands after its
+    settlement: what that lease brings pays what was owed, it is not money left to admit from."""
+    budgets, clock = MemoryBudgets(), FakeClock()
+    key = team(budget_nano_per_month=300_000_000)
+    g = guard(budgets, clock)
+    first = await admit(g, key, 1, cost_nano=100_000_000)  # a lease ahead starts, in the background
+    budgets.released.clear()
+    await settle()  # the lease is on its way to the row
+    g.settle(first, tokens=8, cost_nano=800_000_000)  # before it lands
+    budgets.released.set()
+    await settle()
+    with pytest.raises(QuotaExceeded):
+        await admit(g, key, 1, cost_nano=100_000_000)
+
+
+async def test_requests_without_a_cap_reserve_what_such_requests_overran() -> None:
+    """Requests without an output cap reserve their prompt, and out of a money budget also the most such a request
+    has cost beyond its reservation: several in flight together pass the budget by one request, not by all."""
+    budgets, clock = MemoryBudgets(), FakeClock()
+    key = team(budget_nano_per_month=1_000_000)
+    g = guard(budgets, clock)
+
+    async def uncapped() -> Reservation:
+        async with asyncio.timeout(NO_WAIT):
+            return await g.admit(key, estimate=10, cost_nano=10_000, capped=False)
+
+    g.settle(await uncapped(), tokens=300, cost_nano=300_000)  # a long completion: 290,000 beyond its reservation
+    in_flight: list[Reservation] = []
+    with pytest.raises(QuotaExceeded):
+        for _ in range(10):
+            in_flight.append(await uncapped())
+    assert len(in_flight) == 3  # 300,000 + 300,000 + the 100,000 left
+    for reservation in in_flight:
+        g.settle(reservation, tokens=300, cost_nano=300_000)
+    spent = 300_000 * (1 + len(in_flight))
+    assert spent <= 1_000_000 + 300_000
+
+
+async def test_budget_warnings_count_money_spent_not_slices(caplog: pytest.LogCaptureFixture) -> None:
+    """Two instances: slices another instance leased (and reservations it holds) are not spending; a warning comes
+    from money settled by this instance or counted in the usage table, once each per month, naming the key."""
+    budgets, clock, usage = MemoryBudgets(), FakeClock(), FakeUsage()
+    warned: list[tuple[str, int]] = []
+
+    def instance() -> QuotaGuard:
+        return QuotaGuard(usage, budgets, cache_seconds=QUOTA_CACHE, read_timeout=NO_WAIT, refresh_timeout=NO_WAIT,
+                          clock=clock, wall_clock=lambda: NOON, on_budget_warning=lambda k, p: warned.append((k, p)))
+
+    key = team(budget_nano_per_month=1_000_000)
+    east, west = instance(), instance()
+    in_flight = await admit(west, key, 10, cost_nano=400_000)  # west leases half the month's budget
+    for _ in range(5):
+        east.settle(await admit(east, key, 10, cost_nano=60_000), tokens=10, cost_nano=50_000)
+        await settle()
+    assert budgets.granted("team-budget", COST_MONTH) >= 800_000  # slices: most of the budget is leased
+    assert warned == []  # 250,000 spent
+    west.settle(in_flight, tokens=10, cost_nano=400_000)
+    assert warned == []  # west knows of its own 400,000
+    usage.counted[COST_MONTH] = 850_000  # both, aggregated (with 200,000 from elsewhere)
+    clock.advance(QUOTA_CACHE + RECHECK_SECONDS)
+    with contextlib.suppress(QuotaExceeded):  # east's next lease reads the usage table; west's slice may block it
+        await admit(east, key, 10, cost_nano=10_000)
+    await settle()
+    assert warned == [("team-budget", 80)]
+    lines = [r.getMessage() for r in caplog.records if "budget" in r.getMessage()]
+    assert len(lines) == 1 and "team-budget" in lines[0] and "80%" in lines[0]
 
 
 async def test_a_slice_handed_back_is_found_by_a_refused_instance() -> None:

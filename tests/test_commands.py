@@ -141,3 +141,23 @@ def test_quota_and_report_commands(environment: tuple[dict[str, str], SimulatedR
     assert "gpt-4o" in table.stdout and "TOTAL" in table.stdout
     reversed_range = run(["-m", "usage", "report", "--since", "2026-02-01", "--until", "2026-01-01"], env, tmp_path)
     assert reversed_range.returncode == 2 and "after" in reversed_range.stderr
+
+
+@pytest.mark.parametrize(("command", "flag", "value"), [
+    (["keys", "create", "--name", "huge"], "--tokens-per-minute", "99999999999999999999"),
+    (["keys", "create", "--name", "huge"], "--tokens-per-day", "9223372036854775808"),
+    (["keys", "create", "--name", "huge"], "--tokens-per-month", "99999999999999999999"),
+    (["keys", "create", "--name", "huge"], "--requests-per-minute", "9223372036854775808"),
+    (["keys", "create", "--name", "huge"], "--budget-per-month", "1e30"),
+    (["keys", "set-quota", "huge"], "--budget-per-month", "9223372036.854775808"),
+    (["keys", "set-quota", "huge"], "--tokens-per-day", "99999999999999999999"),
+    (["keys", "set-quota", "huge"], "--budget-per-month", "1e999999999"),
+])
+def test_limits_past_int64_are_refused_by_the_parser(command: list[str], flag: str, value: str,
+                                                     tmp_path: Path) -> None:
+    """A limit Table Storage cannot store (Int64; a budget in nano-units) is a usage error naming the flag and the
+    largest value (exit 2), before any storage is touched, never a traceback."""
+    env = {**os.environ, "PYTHONPATH": str(PROJECT), "UsageStorage": "UseDevelopmentStorage=true"}
+    refused = run(["-m", "usage", *command, flag, value], env, tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    assert flag in refused.stderr and "at most" in refused.stderr and "Traceback" not in refused.stderr

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +20,8 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables import TableServiceClient
 
 from gateway._budget import BUDGET_ROW, BUDGET_TABLE, window_end
+from gateway._quota import RECHECK_SECONDS
+from tests.fakes import CLOCK_START
 from tests.harness import Gateway, eventually, http, running_gateway
 from tests.storage_proxy import StorageProxy, storage_proxy
 from usage._keys import Limits
@@ -46,6 +50,12 @@ def own_headers(headers: Any) -> tuple[int, int]:
     assert len(tokens) == 1 and len(requests) == 1, (tokens, requests)
     assert tokens != [BACKEND_TOKENS] and requests != [BACKEND_REQUESTS]
     return int(tokens[0]), int(requests[0])
+
+
+def at_a_minute_start(gw: Gateway) -> None:
+    """Move the worker's clocks to just after a UTC minute begins, so that a test's requests share one minute."""
+    wall = time.time() + (gw.clock() - CLOCK_START)
+    gw.clock.advance(60 - wall % 60 + 0.5)
 
 
 def budget_row(storage: str, name: str) -> dict[str, Any]:
@@ -208,9 +218,28 @@ def test_monthly_budget_in_money(storage: str) -> None:
         error = refused[-1].response
         assert "monthly budget" in error.json()["error"]["message"] and "spent" in error.json()["error"]["message"]
         assert abs(int(error.headers["retry-after"]) - next_month_in_seconds()) < 120
+        # each instance knows its own spending at once and the other's once counted: 80% is logged, by what was
+        # really spent (here past 100%), and 100% once an instance reads the month's cost with its next lease
+        assert spent >= 2_000_000
+        assert any(name in line and "budget" in line and "80%" in line for gw in (east, west) for line in gw.logs.lines)
+        eventually(lambda: month_cost(storage, name) >= 2_000_000)
+        for gw, client in zip((east, west), clients, strict=True):
+            gw.clock.advance(RECHECK_SECONDS + 5)  # past the refused key's re-read and QUOTA_CACHE_SECONDS
+            with pytest.raises(openai.RateLimitError):
+                client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=20)
         eventually(lambda: sum(name in line and "budget" in line and "100%" in line
                                for gw in (east, west) for line in gw.logs.lines) >= 1)
-        assert any(name in line and "budget" in line and "80%" in line for gw in (east, west) for line in gw.logs.lines)
+
+
+def month_cost(storage: str, name: str) -> int:
+    """The key's cost this month as counted in the usage table (0 before anything is)."""
+    with TableServiceClient.from_connection_string(storage) as service:
+        rows = service.get_table_client("usage").query_entities(
+            "PartitionKey eq @pk", parameters={"pk": f"{datetime.now(UTC):%Y-%m}|{name}"})
+        try:
+            return sum(as_int(r.get("CostNano")) for r in rows if str(r["RowKey"]).startswith("month|"))
+        except ResourceNotFoundError:  # not aggregated yet: no usage table
+            return 0
 
 
 def test_money_spent_before_the_budget_counts(storage: str) -> None:
@@ -223,17 +252,8 @@ def test_money_spent_before_the_budget_counts(storage: str) -> None:
         for _ in range(4):
             client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=20)
 
-        def month_cost() -> int:
-            with TableServiceClient.from_connection_string(storage) as service:
-                rows = service.get_table_client("usage").query_entities(
-                    "PartitionKey eq @pk", parameters={"pk": f"{datetime.now(UTC):%Y-%m}|{name}"})
-                try:
-                    return sum(as_int(r.get("CostNano")) for r in rows if str(r["RowKey"]).startswith("month|"))
-                except ResourceNotFoundError:  # not aggregated yet: no usage table
-                    return 0
-
-        eventually(lambda: month_cost() > 0)
-        spent = month_cost()
+        eventually(lambda: month_cost(storage, name) > 0)
+        spent = month_cost(storage, name)
 
         async def lower_budget() -> None:
             from usage import KeyStore, open_table_service
@@ -255,6 +275,7 @@ def test_every_answer_of_a_key_with_limits_carries_its_own_remaining(gateway: Ga
     name = f"team-{uuid.uuid4().hex[:8]}"
     key = gateway.create_key(name, Limits(tokens_per_minute=1000, requests_per_minute=100))
     client = client_for(gateway, key)
+    at_a_minute_start(gateway)
     raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES, max_tokens=20)
     tokens, requests = own_headers(raw.headers)
     assert tokens <= 1000 - 28 and requests == 99
@@ -310,3 +331,98 @@ def test_budget_flags_of_the_keys_cli(storage: str, monkeypatch: pytest.MonkeyPa
             main(["keys", "set-quota", name, "--budget-per-month", bad], out=io.StringIO())
         assert exited.value.code == 2
         assert "--budget-per-month" in capsys.readouterr().err
+
+
+def test_money_reservations_hold_whatever_the_rates(storage: str) -> None:
+    """A reservation is priced at the highest rate that can apply, so a budget holds for a deployment whose output
+    costs 0 (embeddings: only input is billed) and for a backend override above the deployment's base rates, even
+    with requests arriving together: spending passes the budget by at most one request."""
+    prices = parse_prices(json.dumps({
+        "embed": {"currency": "USD", "input": "100000", "cached_input": "0", "output": "0"},
+        "gpt-4o": {"currency": "USD", "input": 1, "cached_input": 1, "output": 1,
+                   "backends": {"eastus": {"input": 1, "cached_input": 1, "output": 100000},
+                                "westus": {"input": 1, "cached_input": 1, "output": 100000}}},
+    }))
+    with running_gateway(storage, prices=prices) as gw:
+        embedder = client_for(gw, gw.create_key(f"embed-{uuid.uuid4().hex[:8]}",
+                                                Limits(budget_nano_per_month=300_000_000)))  # 0.30 USD
+        served, refused = 0, []
+        for _ in range(12):
+            try:
+                assert embedder.embeddings.create(model="embed", input="abc").data
+                served += 1
+            except openai.RateLimitError as exc:
+                refused.append(exc)
+        one_embedding = 8 * 100_000_000  # the region bills 8 prompt tokens: 0.80 USD
+        assert served == 1 and len(refused) == 11  # 0.30 was not spent before the first; 0.80 was after it
+        assert "monthly budget" in refused[-1].response.json()["error"]["message"]
+        assert served * one_embedding <= 300_000_000 + one_embedding
+
+        name = f"ptu-{uuid.uuid4().hex[:8]}"
+        chat = client_for(gw, gw.create_key(name, Limits(budget_nano_per_month=3_000_000_000)))  # 3 USD
+
+        def ask() -> bool:
+            try:
+                chat.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=20)
+                return True
+            except openai.RateLimitError:
+                return False
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: ask(), range(8)))
+        records = [r for r in gw.sink.wait(20) if r.key_name == name and r.status == 200]
+        assert len(records) == sum(answers) >= 1
+        spent = sum(r.prompt_tokens * 1000 + r.completion_tokens * 100_000_000 for r in records)
+        one_request = max(r.prompt_tokens * 1000 + r.completion_tokens * 100_000_000 for r in records)
+        assert spent <= 3_000_000_000 + one_request, (spent, len(records))
+
+
+@pytest.mark.parametrize("limits", [
+    Limits(requests_per_minute=100), Limits(tokens_per_minute=1000), Limits(budget_nano_per_month=10**9)],
+    ids=["requests only", "tokens only", "budget only"])
+def test_a_key_limiting_one_meter_gets_both_headers_of_its_own(gateway: Gateway, limits: Limits) -> None:
+    """A key with any limit gets x-ratelimit-remaining-tokens and -requests, its own (never the backend's), on every
+    answer: a body, a stream, the gateway's refusals, the models list and a call on a stored response."""
+    key = gateway.create_key(f"one-{uuid.uuid4().hex[:8]}", limits)
+    client = client_for(gateway, key)
+    at_a_minute_start(gateway)
+    answers: list[Any] = [client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES,
+                                                                           max_tokens=20)]
+    answers.append(client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES, max_tokens=20,
+                                                                    stream=True))
+    v1 = openai.OpenAI(base_url=gateway.url + "/openai/v1", api_key=key, max_retries=0)
+    created = v1.responses.create(model="gpt-4o", input="hi", max_output_tokens=20)
+    answers.append(v1.responses.with_raw_response.retrieve(created.id))
+    figures = [own_headers(answer.headers) for answer in answers]
+    tokens, requests = figures[-1]
+    assert tokens > 0 and requests > 0
+    if limits.requests_per_minute is not None:
+        assert [r for _, r in figures] == [99, 98, 97]  # the stored call uses no request
+    if limits.tokens_per_minute is not None:
+        assert tokens < 1000 - 2 * 28
+    chat = gateway.url + "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+    headers = {"api-key": key, "content-type": "application/json"}
+    refusals = [http("POST", chat, headers=headers, body=b"{not json"),
+                http("POST", chat, headers=headers, body=json.dumps({"messages": MESSAGES,
+                                                                      "max_tokens": 5000}).encode())]
+    assert refusals[0].status == 400
+    assert refusals[1].status == (400 if limits.tokens_per_minute is not None else 200)  # QuotaTooSmall
+    models = http("GET", gateway.url + "/openai/v1/models", headers={"api-key": key})
+    assert models.status == 200
+    for answer in (*refusals, models):
+        tokens_left, requests_left = (answer.headers.get("x-ratelimit-remaining-tokens"),
+                                      answer.headers.get("x-ratelimit-remaining-requests"))
+        assert tokens_left is not None and requests_left is not None, (answer.status, answer.headers)
+        assert tokens_left != BACKEND_TOKENS and requests_left != BACKEND_REQUESTS
+        assert int(tokens_left) >= 0 and int(requests_left) >= 0
+
+
+def test_a_request_larger_than_the_budget_left_is_served_while_it_is_not_spent(storage: str) -> None:
+    """A budget of 1 USD with nothing spent serves a request whose reservation (100,000 tokens at 10 USD a million)
+    is larger than all of it, and the next one too (it cost far less), without a warning of a spent budget."""
+    with running_gateway(storage, prices=PRICES) as gw:
+        name = f"big-{uuid.uuid4().hex[:8]}"
+        client = client_for(gw, gw.create_key(name, Limits(budget_nano_per_month=1_000_000_000)))
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=100_000)
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=10)
+        assert not any(name in line and "budget" in line for line in gw.logs.lines)

@@ -32,6 +32,10 @@ _LIMITS = (("tokens_per_minute", "--tokens-per-minute"), ("tokens_per_day", "--t
            ("tokens_per_month", "--tokens-per-month"), ("requests_per_minute", "--requests-per-minute"),
            ("budget_nano_per_month", "--budget-per-month"))
 _NANO = 10**9
+#: limits are stored as Table Storage Int64 (a budget in nano-units): larger ones are refused when parsed
+_INT64_MAX = 2**63 - 1
+_MAX_BUDGET = Decimal(_INT64_MAX) / _NANO  # exact: 9223372036.854775807
+_NANO_UNIT = Decimal("1e-9")
 
 
 def _limit(value: str) -> int | None:
@@ -43,6 +47,8 @@ def _limit(value: str) -> int | None:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number (or 'none')") from None
     if number < 0:
         raise argparse.ArgumentTypeError("a quota cannot be negative")
+    if number > _INT64_MAX:
+        raise argparse.ArgumentTypeError(f"a quota must be at most {_INT64_MAX} (Table Storage's Int64)")
     return number
 
 
@@ -56,10 +62,12 @@ def _money(value: str) -> int | None:
         raise argparse.ArgumentTypeError(f"{value!r} is not an amount like 250 or 12.50 (or 'none')") from None
     if not amount.is_finite() or amount < 0:
         raise argparse.ArgumentTypeError("a budget is an amount of at least 0")
-    nano = amount * _NANO
-    if nano != nano.to_integral_value():
+    if amount > _MAX_BUDGET:  # before scaling it: a huge exponent would overflow the decimal context
+        raise argparse.ArgumentTypeError(f"a budget must be at most {_MAX_BUDGET} (Int64 nano-units)")
+    whole = amount.quantize(_NANO_UNIT)  # exact for any amount up to the cap; a tiny one does not underflow to 0
+    if whole != amount:
         raise argparse.ArgumentTypeError(f"{value!r} has more than 9 decimal places")
-    return int(nano)
+    return int(whole.scaleb(9))
 
 
 def _amount(nano: int) -> str:

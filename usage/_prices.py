@@ -88,6 +88,11 @@ class PriceEntry:
     effective_from: date | None = None
     backends: Mapping[str, Rates] = MappingProxyType({})
 
+    @property
+    def highest_rate(self) -> int:
+        """The largest rate (nano-units per token) any token may cost under this entry, whatever the backend."""
+        return max(max(r.input, r.cached_input, r.output) for r in (self.rates, *self.backends.values()))
+
     def price(self, backend: str | None = None) -> Price:
         rates = self.backends.get(backend, self.rates) if backend is not None else self.rates
         return Price(self.currency, rates.input, rates.cached_input, rates.output)
@@ -102,16 +107,21 @@ class Prices:
     def __bool__(self) -> bool:
         return bool(self.entries)
 
-    def lookup(self, deployment: str, backend: str | None, when: datetime) -> Price | None:
-        """The price in force for ``deployment`` at ``when`` (its UTC date), with ``backend``'s override;
-        ``None`` when none is (the usage is then counted as unpriced). ``backend=None``: the base rates."""
+    def entry(self, deployment: str, when: datetime) -> PriceEntry | None:
+        """The entry in force for ``deployment`` at ``when`` (its UTC date); ``None`` when none is."""
         history = self.entries.get(deployment)
         if not history:
             return None
         day = (when.astimezone(UTC) if when.tzinfo is not None else when).date()
         starts = [date.min if e.effective_from is None else e.effective_from for e in history]
         index = bisect_right(starts, day) - 1
-        return None if index < 0 else history[index].price(backend)
+        return None if index < 0 else history[index]
+
+    def lookup(self, deployment: str, backend: str | None, when: datetime) -> Price | None:
+        """The price in force for ``deployment`` at ``when`` (its UTC date), with ``backend``'s override;
+        ``None`` when none is (the usage is then counted as unpriced). ``backend=None``: the base rates."""
+        entry = self.entry(deployment, when)
+        return None if entry is None else entry.price(backend)
 
     def currency(self, deployment: str) -> str | None:
         """The deployment's currency (all its entries share it), ``None`` when it has no price."""
