@@ -1,0 +1,234 @@
+"""Quotas that hold when several gateway processes share a key (issue 9): the bound and its cost.
+
+Two and four gateways (each the real runtime in a worker process of its own) share one Table Storage,
+reached through a relay that counts the operations (``devkit.table_proxy``). The test drives them
+with the ``openai`` SDK at 40 requests/s each, ``max_tokens`` set, and reads what each admitted from
+its usage records (the ones the aggregator counts into the ``usage`` table, which must agree).
+
+Quota windows are UTC minutes of the wall clock; each gateway's monotonic clock (``gateway.clock``,
+what the quota's caches, leases and settle periods run on) is moved in step with real time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+import pytest
+from azure.core.exceptions import ResourceNotFoundError
+
+from devkit.table_proxy import CountingTableProxy, counting_table_proxy
+from tests.harness import Gateway, eventually, running_gateway
+from usage import open_table_service
+from usage._keys import Limits
+from usage._schema import USAGE_TABLE
+from usage._tables import as_int
+
+MESSAGES: Any = [{"role": "user", "content": "Say hello"}]
+RATE = 40.0  # requests per second per gateway
+MAX_TOKENS = 20
+QUOTA = 3000  # tokens per minute: spent in about a second at this rate
+TOLERANCE = 1.05
+DRIVE_SECONDS = 12.0
+#: the drive starts this long before a UTC minute ends, so it covers a window's end and the next one's start
+BEFORE_MINUTE_END = 6.0
+MAX_TABLE_OPS_PER_ADMITTED = 0.2
+WARM_UP_SECONDS = 3.0  # the steady state is measured after this
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One request as the client saw it."""
+
+    gateway: int
+    status: int
+    tokens: int  # total tokens of the response's usage (0 when refused)
+    retry_after: str | None
+    done: float  # time.monotonic() when the answer came
+
+
+@pytest.fixture(scope="module")
+def table_proxy(storage: str) -> Iterator[CountingTableProxy]:
+    with counting_table_proxy(storage) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="module")
+def gateways(table_proxy: CountingTableProxy) -> Iterator[list[Gateway]]:
+    """Four gateways on the one Table Storage (same KEY_HASH_SECRET, so one key works on all)."""
+    with ExitStack() as stack:
+        running = [stack.enter_context(running_gateway(table_proxy.connection_string)) for _ in range(4)]
+        assert len({gw.settings.key_hash_secret for gw in running}) == 1
+        with clocks_in_step(running):
+            yield running
+
+
+@contextmanager
+def clocks_in_step(gateways: list[Gateway]) -> Iterator[None]:
+    """Move every gateway's clock with real time (they all start at the same reading)."""
+    stop = threading.Event()
+
+    def tick() -> None:
+        last = time.monotonic()
+        while not stop.wait(0.02):
+            now = time.monotonic()
+            for gw in gateways:
+                gw.clock.advance(now - last)
+            last = now
+
+    ticker = threading.Thread(target=tick, name="clocks", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        ticker.join(5)
+
+
+async def _one(index: int, client: openai.AsyncAzureOpenAI) -> Outcome:
+    try:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=MESSAGES, max_tokens=MAX_TOKENS)
+    except openai.RateLimitError as refused:
+        return Outcome(index, 429, 0, refused.response.headers.get("retry-after"), time.monotonic())
+    usage = raw.parse().usage
+    assert usage is not None
+    return Outcome(index, raw.status_code, usage.total_tokens, None, time.monotonic())
+
+
+async def _drive(gateways: list[Gateway], key: str, seconds: float) -> list[Outcome]:
+    """``RATE`` requests per second to each gateway for ``seconds`` (open loop: sent on time, whatever
+    the answers' pace)."""
+    clients = [openai.AsyncAzureOpenAI(azure_endpoint=gw.url, api_key=key, api_version="2024-10-21",
+                                       max_retries=0, timeout=30.0) for gw in gateways]
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    tasks = []
+    for tick in range(math.ceil(RATE * seconds)):
+        await asyncio.sleep(max(0.0, start + tick / RATE - loop.time()))
+        tasks += [asyncio.create_task(_one(index, client)) for index, client in enumerate(clients)]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for client in clients:
+            await client.close()
+
+
+def drive(gateways: list[Gateway], key: str, seconds: float = DRIVE_SECONDS) -> list[Outcome]:
+    """``_drive``, with the SDK's per-request DEBUG lines off (the load would spend its time logging)."""
+    loggers = [logging.getLogger(name) for name in ("openai", "httpx", "httpcore", "httpcore2")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        return asyncio.run(_drive(gateways, key, seconds))
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def admitted_by_minute(gateways: list[Gateway], name: str) -> dict[str, int]:
+    """Tokens each UTC minute admitted for key ``name``, over all gateways, from their usage records
+    (the records the aggregator counts, by the minute the request arrived)."""
+    minutes: dict[str, int] = defaultdict(int)
+    for gw in gateways:
+        for record in gw.sink.records:
+            if record.key_name == name and record.status == 200:
+                minutes[record.time[:16]] += record.total_tokens
+    return dict(minutes)
+
+
+def table_minutes(gw: Gateway, name: str, minutes: list[str]) -> dict[str, int]:
+    """The usage table's total tokens of ``name`` per minute (all deployments)."""
+
+    async def read() -> dict[str, int]:
+        totals = dict.fromkeys(minutes, 0)
+        async with open_table_service(gw.settings.storage) as service:
+            table = service.get_table_client(USAGE_TABLE)
+            for minute in minutes:
+                try:
+                    async for row in table.query_entities(
+                            "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
+                            parameters={"pk": f"{minute[:7]}|{name}", "lo": f"minute|{minute}|",
+                                        "hi": f"minute|{minute}|~"}):
+                        totals[minute] += as_int(row.get("TotalTokens"))
+                except ResourceNotFoundError:  # no usage table yet
+                    pass
+        return totals
+
+    return gw.loop.run(read())
+
+
+def wait_for_window_end(seconds_before: float) -> None:
+    """Return ``seconds_before`` (a little less) before the current UTC minute ends; wait for the next
+    minute's if this one is too close to its end."""
+    into = time.time() % 60
+    target = 60 - seconds_before
+    time.sleep(target - into if into <= target else 60 - into + target)
+
+
+def shared_key(gateways: list[Gateway], limits: Limits) -> tuple[str, str]:
+    name = f"shared-{uuid.uuid4().hex[:10]}"
+    return name, gateways[0].create_key(name, limits)
+
+
+@pytest.mark.parametrize("instances", [2, 4])
+def test_gateways_sharing_a_key_admit_at_most_its_minute_quota(gateways: list[Gateway], instances: int) -> None:
+    """At 40 requests/s per gateway with max_tokens set, the tokens admitted for the key in each UTC
+    minute stay within quota x 1.05 plus one request's worth, whichever gateways admitted them; each
+    gateway, once the quota is spent, refuses with 429 and Retry-After."""
+    group = gateways[:instances]
+    name, key = shared_key(group, Limits(tokens_per_minute=QUOTA))
+    wait_for_window_end(BEFORE_MINUTE_END)
+    outcomes = drive(group, key)
+
+    largest = max(o.tokens for o in outcomes)
+    answered = sum(o.tokens for o in outcomes)
+    eventually(lambda: sum(admitted_by_minute(group, name).values()) == answered, timeout=15,
+               message=lambda: f"records {admitted_by_minute(group, name)} vs {answered} tokens answered")
+    minutes = admitted_by_minute(group, name)
+    assert len(minutes) == 2, f"the drive covers the end of one minute and the start of the next: {minutes}"
+    bound = QUOTA * TOLERANCE + largest
+    assert all(tokens <= bound for tokens in minutes.values()), (
+        f"{instances} gateways admitted {minutes} tokens per minute, over {QUOTA} x {TOLERANCE} + {largest}")
+    assert all(tokens >= QUOTA * 0.8 for tokens in minutes.values()), f"quota left unused: {minutes}"
+    refused = [o for o in outcomes if o.status == 429]
+    assert {o.gateway for o in refused} == set(range(instances))  # every gateway met the shared limit
+    assert all(o.retry_after is not None and int(o.retry_after) >= 1 for o in refused)
+    eventually(lambda: table_minutes(group[0], name, list(minutes)) == minutes, timeout=15,
+               message=lambda: f"usage table {table_minutes(group[0], name, list(minutes))} vs records {minutes}")
+
+
+def test_shared_quota_costs_few_table_operations_per_admitted_request(
+        gateways: list[Gateway], table_proxy: CountingTableProxy) -> None:
+    """Two gateways at 40 requests/s each under a key whose minute quota they do not reach: every request
+    is admitted, and in the steady state the request path (key lookups, quota reads or budget leases;
+    not the usage aggregation, which runs off the request path in Azure) makes at most 0.2 Table
+    operations per admitted request."""
+    group = gateways[:2]
+    per_minute = int(RATE * len(group) * 60 * 40 * 1.5)  # ~40 tokens a request: the drive uses under 2/3
+    _, key = shared_key(group, Limits(tokens_per_minute=per_minute))
+    started = time.monotonic()
+    outcomes = drive(group, key)
+    ended = time.monotonic()
+
+    assert [o for o in outcomes if o.status != 200] == []
+    steady = started + WARM_UP_SECONDS
+    operations = [op for op in table_proxy.between(steady, ended) if not op.aggregation]
+    admitted = sum(steady <= o.done for o in outcomes)
+    per_request = len(operations) / admitted
+    summary: dict[str, int] = defaultdict(int)
+    for op in operations:
+        summary[f"{op.method} {op.table}"] += 1
+    assert per_request <= MAX_TABLE_OPS_PER_ADMITTED, (
+        f"{len(operations)} Table operations for {admitted} admitted requests: {dict(summary)}")
