@@ -18,11 +18,12 @@ whatever the answers' pace), two drives of chat completions with ``max_tokens`` 
    same moments, is the time the quota adds, and the request-path Table operations per roomy request
    admitted are the steady-state cost (an upper bound: the key without limits makes none but its
    cached lookups);
-2. *tight*: a key of ``--quota`` tokens per minute, ``--duration`` seconds from the start of a UTC minute
+2. *tight*: a key of ``--quota`` tokens per minute (``--limit requests``: of ``--quota`` requests per
+   minute, once the gateway has request-rate limits), ``--duration`` seconds from the start of a UTC minute
    (the script waits for one, unless ``--no-align``): the tokens admitted in each UTC minute window, as a
    percentage of the quota, from the responses' ``usage`` (by the minute each request was sent) and from
    the ``usage`` table's minute rows (by the minute it reached the gateway), the 429s, and the Table
-   operations per request.
+   operations per request. (Requests: the admitted requests, counted the same two ways.)
 
 Table operations are counted in two ways: *all* of them, and those of the *request path* (key lookups,
 quota reads, shared budgets), which leave out the usage aggregator's own reads and transactions: in
@@ -46,7 +47,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -68,6 +69,7 @@ MESSAGES = [{"role": "user", "content": "Say hello"}]
 PATH = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
 TICKS = os.sysconf("SC_CLK_TCK")
 ROOMY = 3  # the roomy key's quota: this many times what its drive would use
+LIMITS = {"tokens": "tokens_per_minute", "requests": "requests_per_minute"}  # the tight key's, by --limit
 
 
 def progress(message: str) -> None:
@@ -203,8 +205,9 @@ class Cluster:
         result.table_by_kind = dict(kinds)
         return result
 
-    async def table_minutes(self, name: str, minutes: list[str]) -> dict[str, int]:
-        """The ``usage`` table's total tokens of key ``name`` per minute (all deployments)."""
+    async def table_minutes(self, name: str, minutes: list[str], unit: str) -> dict[str, int]:
+        """The ``usage`` table's total tokens (or requests) of key ``name`` per minute (all deployments)."""
+        column = {"tokens": "TotalTokens", "requests": "Requests"}[unit]
         totals = dict.fromkeys(minutes, 0)
         async with open_table_service(StorageConfig(connection_string=self.storage)) as service:
             table = service.get_table_client(USAGE_TABLE)
@@ -213,7 +216,7 @@ class Cluster:
                         "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
                         parameters={"pk": f"{minute[:7]}|{name}", "lo": f"minute|{minute}|",
                                     "hi": f"minute|{minute}|~"}):
-                    totals[minute] += as_int(row.get("TotalTokens"))
+                    totals[minute] += as_int(row.get(column))
         return totals
 
 
@@ -241,10 +244,11 @@ def minute_of(wall: float) -> str:
     return datetime.fromtimestamp(wall, UTC).isoformat()[:16]
 
 
-def wait_for_minute_start() -> None:
+async def wait_for_minute_start() -> None:
+    """Until just after the next UTC minute starts."""
     wait = 60 - time.time() % 60
     progress(f"waiting {wait:.0f} s for the next UTC minute")
-    time.sleep(wait + 0.05)
+    await asyncio.sleep(wait + 0.05)
 
 
 @dataclass
@@ -253,7 +257,7 @@ class Cell:
     rate: float
     latency: Drive  # keys: 0 without limits, 1 roomy
     tight: Drive
-    by_minute: dict[str, int]  # responses' tokens by the minute they were sent
+    by_minute: dict[str, int]  # responses' tokens (or requests) by the minute they were sent
     table: dict[str, int]  # the usage table's minute rows
 
 
@@ -263,24 +267,26 @@ async def run_cell(gateways: Cluster, instances: int, rate: float, args: argpars
     roomy_quota = int(ROOMY * rate * instances * tokens_each * 60)
     keys = {"none": await gateways.make_key(f"scale-none-{tag}", Limits()),
             "roomy": await gateways.make_key(f"scale-roomy-{tag}", Limits(tokens_per_minute=roomy_quota)),
-            "tight": await gateways.make_key(f"scale-tight-{tag}", Limits(tokens_per_minute=args.quota))}
+            "tight": await gateways.make_key(f"scale-tight-{tag}", Limits(**{LIMITS[args.limit]: args.quota}))}
     for key in keys.values():
         await gateways.warm(key, args.max_tokens)
     label = f"{instances} gateway(s) at {rate:g}/s each"
     progress(f"{label}: a key without limits and one of {roomy_quota} tokens/min in turn, {args.latency_seconds:g} s")
     latency = await gateways.measure([keys["none"], keys["roomy"]], rate=rate, seconds=args.latency_seconds,
                                      max_tokens=args.max_tokens)
+    seconds = args.duration
     if args.align:
-        wait_for_minute_start()
-    progress(f"{label}: key of {args.quota} tokens/min, {args.duration:g} s")
-    tight = await gateways.measure([keys["tight"]], rate=rate, seconds=args.duration, max_tokens=args.max_tokens)
+        await wait_for_minute_start()
+        seconds = min(seconds, 59.5)  # the drive's last requests still in the minute
+    progress(f"{label}: key of {args.quota} {args.limit}/min, {seconds:g} s")
+    tight = await gateways.measure([keys["tight"]], rate=rate, seconds=seconds, max_tokens=args.max_tokens)
     by_minute: dict[str, int] = defaultdict(int)
     for answer in tight.of(200):
-        by_minute[minute_of(answer.sent)] += answer.tokens
+        by_minute[minute_of(answer.sent)] += answer.tokens if args.limit == "tokens" else 1
     await asyncio.sleep(3)  # the gateways' usage events reach the table (0.5 s linger, then aggregation)
-    table = await gateways.table_minutes(f"scale-tight-{tag}", sorted(by_minute))
+    table = await gateways.table_minutes(f"scale-tight-{tag}", sorted(by_minute), args.limit)
     cell = Cell(instances, rate, latency, tight, dict(by_minute), table)
-    progress(f"{label}: admitted {dict(by_minute)} tokens by minute (table {table}), "
+    progress(f"{label}: admitted {dict(by_minute)} {args.limit} by minute (table {table}), "
              f"{len(tight.of(429))} refused of {len(tight.answers)}, achieved {tight.achieved(instances):.1f}/s each")
     return cell
 
@@ -301,9 +307,9 @@ def _added(drive: Drive, q: float) -> str:
 def report(cells: list[Cell], args: argparse.Namespace, runtime: float) -> None:
     print(f"\nScale benchmark: {args.regions} simulated region(s), max_tokens {args.max_tokens} (a request uses "
           f"~37 tokens), Python {sys.version.split()[0]}, {os.cpu_count()} CPU(s); {runtime / 60:.1f} min in all.\n")
-    print(f"Key of {args.quota} tokens per minute, driven {args.duration:g} s"
+    print(f"Key of {args.quota} {args.limit} per minute, driven {args.duration:g} s"
           f"{' from the start of a UTC minute' if args.align else ''}:\n")
-    print("| gateways | sent/s each | answered/s each | admitted tokens per UTC minute, % of quota "
+    print(f"| gateways | sent/s each | answered/s each | admitted {args.limit} per UTC minute, % of quota "
           "(responses; table) | 429s | Table ops per request (all; request path) "
           "| request-path ops per admitted request | gateway CPU (cores) |")
     print("|---:|---:|---:|---|---:|---|---:|---:|")
@@ -336,7 +342,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--instances", default="1,2,4", help="gateway counts, comma-separated")
     parser.add_argument("--rates", default="5,20,40", help="requests per second per gateway, comma-separated")
-    parser.add_argument("--quota", type=int, default=3000, help="the tight key's tokens per minute")
+    parser.add_argument("--quota", type=int, default=None,
+                        help="the tight key's tokens (default 3000) or requests (default 60) per minute")
+    parser.add_argument("--limit", choices=sorted(LIMITS), default="tokens", help="what the tight key limits")
     parser.add_argument("--duration", type=float, default=None, help="seconds of the tight drive (default 60)")
     parser.add_argument("--latency-seconds", type=float, default=None,
                         help="seconds of the latency drive, keys without limits and roomy in turn (default 30)")
@@ -347,6 +355,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="tight drives of 15 s, latency drives of 10 s, not aligned: about 5 minutes in all")
     args = parser.parse_args()
+    if LIMITS[args.limit] not in {f.name for f in fields(Limits)}:
+        parser.error(f"--limit {args.limit}: this gateway's keys have no {LIMITS[args.limit]}")
+    args.quota = args.quota or {"tokens": 3000, "requests": 60}[args.limit]
     if args.quick:
         args.duration = args.duration or 15.0
         args.latency_seconds = args.latency_seconds or 10.0
