@@ -11,7 +11,8 @@
         ├── RequestTimedOut      408, the client's body did not arrive within BODY_READ_TIMEOUT_SECONDS
         ├── ClientClosedRequest  499, the client went away before its body was read (nobody gets it)
         ├── PayloadTooLarge      413
-        ├── QuotaExceeded        429, the caller's own token quota
+        ├── QuotaExceeded        429, the caller's own quota (tokens, requests, money)
+        ├── QuotaUnavailable     503 with Retry-After, the shared quota could not be leased (QUOTA_FAIL_CLOSED)
         ├── NoBackendAvailable   429 (all cooling after throttling) or 503, with Retry-After
         ├── KeyStoreUnavailable  503 with Retry-After, the key could not be checked in time
         └── UpstreamFailed       502, every attempt failed without an HTTP answer
@@ -30,8 +31,8 @@ from usage._config import SettingsError
 
 __all__ = [
     "BadRequest", "ClientClosedRequest", "GatewayError", "KeyStoreUnavailable", "MethodNotAllowed",
-    "NoBackendAvailable", "NotFound", "PayloadTooLarge", "QuotaExceeded", "RequestError", "RequestTimedOut",
-    "SettingsError", "Unauthorized", "UpstreamFailed", "UpstreamTimedOut", "retry_after_headers",
+    "NoBackendAvailable", "NotFound", "PayloadTooLarge", "QuotaExceeded", "QuotaUnavailable", "RequestError",
+    "RequestTimedOut", "SettingsError", "Unauthorized", "UpstreamFailed", "UpstreamTimedOut", "retry_after_headers",
 ]
 
 
@@ -119,6 +120,17 @@ def retry_after_headers(seconds: float) -> dict[str, str]:
 class QuotaExceeded(RequestError):
     status = 429
     code = "429"
+
+
+class QuotaUnavailable(RequestError):
+    """The key's shared quota could not be leased from Table Storage, and ``QUOTA_FAIL_CLOSED`` is set."""
+
+    status = 503
+    code = "QuotaUnavailable"
+
+    def __init__(self, *, retry_after: float) -> None:
+        super().__init__("The gateway could not check the key's quota in time (QUOTA_FAIL_CLOSED); please retry.",
+                         headers=retry_after_headers(retry_after))
 
 
 class NoBackendAvailable(RequestError):

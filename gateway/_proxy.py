@@ -23,7 +23,7 @@ from gateway._credentials import TokenProvider
 from gateway._endpoints import Endpoint
 from gateway._exceptions import NotFound, RequestError, UpstreamFailed, UpstreamTimedOut
 from gateway._failover import Failover
-from gateway._quota import REMAINING_HEADER, QuotaGuard
+from gateway._quota import QUOTA_HEADERS, QuotaGuard
 from gateway._records import Usage, UsageRecord, UsageSink, UsageSource
 from gateway._request import Call, completion_reservation, path_deployment, read_call
 from gateway._responses import REQUEST_ID_HEADER, RelayResponse, buffered, error_response, relayed_headers
@@ -32,6 +32,7 @@ from gateway._settings import BackendConfig, Settings, is_deployment_name
 from gateway._sse import StreamRelay
 from gateway._telemetry import Span, Telemetry
 from gateway._timing import Timer
+from usage import KeyRecord
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class Proxy:
         """Answer ``request``, a call of kind ``endpoint``."""
         context = self._context(request, endpoint.operation)
         call: Call | None = None
+        key: KeyRecord | None = None
         try:
             key = await self._keys.authenticate(key_from_headers(request.headers))
             context.key_name = key.name
@@ -117,8 +119,13 @@ class Proxy:
                 await self._stored.pin(call, key_name=key.name, deadline=deadline)
                 context.deployment = call.deployment if is_deployment_name(call.deployment) else "-"
             if key.limits.any and not endpoint.stored:
-                call.reservation = await self._quota.admit(key, estimate=self._reservation_estimate(call))
-                call.response_headers[REMAINING_HEADER] = str(call.reservation.remaining)
+                estimate = self._reservation_estimate(call)
+                cost = self._reservation_cost(call, estimate) if key.limits.budget_nano_per_month is not None else 0
+                call.reservation = await self._quota.admit(
+                    key, estimate=estimate, cost_nano=cost, arrived=datetime.fromisoformat(context.arrived).timestamp())
+                call.response_headers.update(call.reservation.headers())
+            elif key.limits.any:  # a call on a stored response uses no quota, but says what is left
+                call.response_headers.update(self._quota.remaining_headers(key))
             with self._telemetry.current(context.span):
                 return await self._forward(call, context, deadline=deadline)
         except RequestError as exc:
@@ -131,7 +138,10 @@ class Proxy:
                                  status=500, code="InternalServerError")
             outcome = "gateway_error"
         if context.key_name:  # every authenticated request is counted, refused ones with 0 tokens
-            if call is not None:  # settles any quota reservation too
+            if key is not None and key.limits.any and not (call and call.response_headers.keys() & QUOTA_HEADERS):
+                # refused before (or by) admission: the key's remaining figures as this instance knows them
+                error.headers = {**self._quota.remaining_headers(key), **error.headers}
+            if call is not None:
                 error.headers = {**call.response_headers, **error.headers}
             self._emit(context, call, "", model="", usage=None, source="none", status=error.status,
                        ended=self._clock(), first_byte=None, outcome=outcome)
@@ -153,11 +163,27 @@ class Proxy:
         now = self._clock()
         self._emit(context, None, "", model="", usage=None, source="none", status=200, ended=now, first_byte=now,
                    outcome="complete")
-        return buffered(200, body, {"content-type": "application/json", REQUEST_ID_HEADER: context.request_id})
+        headers = {"content-type": "application/json", REQUEST_ID_HEADER: context.request_id}
+        if key.limits.any:
+            headers.update(self._quota.remaining_headers(key))
+        return buffered(200, body, headers)
 
     def _reservation_estimate(self, call: Call) -> int:
         """What a request may use: its prompt estimate plus its completion cap, as AOAI's limiter counts."""
         return self._prompt_estimate(call, call.deployment) + completion_reservation(call.body)
+
+    def _reservation_cost(self, call: Call, estimate: int) -> int:
+        """A reservation's price for a money budget: every token at the deployment's output rate (0 unpriced)."""
+        price = self._settings.prices.lookup(call.deployment, None, datetime.fromtimestamp(self._wall_clock(), UTC))
+        return 0 if price is None else estimate * price.output
+
+    def _settled_cost(self, context: _Context, backend: str, usage: Usage) -> int:
+        """What the request cost, as the aggregator prices it (0 when no price is in force)."""
+        arrived = datetime.fromisoformat(context.arrived)
+        price = self._settings.prices.lookup(context.deployment, backend or None, arrived)
+        if price is None:
+            return 0
+        return price.cost_nano(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
 
     # -- upstream --------------------------------------------------------------------------
 
@@ -332,7 +358,8 @@ class Proxy:
     ) -> None:
         usage = usage or Usage()
         if call is not None and call.reservation is not None:
-            call.reservation.settle(usage.total_tokens, until=ended + self._quota.settle_seconds)
+            cost = self._settled_cost(context, backend, usage) if call.reservation.priced else 0
+            self._quota.settle(call.reservation, tokens=usage.total_tokens, cost_nano=cost)
         record = UsageRecord(
             request_id=context.request_id, time=context.arrived, key_name=context.key_name,
             deployment=context.deployment, model=model, backend=backend, operation=context.operation,

@@ -1,17 +1,21 @@
-"""Token quotas per key: checked before proxying, from the usage table plus this instance's own
-admitted-but-not-yet-aggregated tokens.
+"""Quotas per key, shared by every instance: admission from leased slices (``_budget``), settlement to usage.
 
-At admission a request reserves its prompt estimate plus ``max_tokens`` (or
-``max_completion_tokens``); when it ends the reservation becomes its real usage and stays counted
-for ``QUOTA_SETTLE_SECONDS`` more, the time the event needs to reach the table. Windows are fixed
-UTC minutes, days and months, the periods the aggregator counts.
+At admission a request reserves, out of this instance's slice of each of its key's limited meters, its
+prompt estimate plus the largest output cap the body sets (tokens), one request (requests per minute) and
+that reservation priced at the deployment's output rate (the money budget). When it ends, the reservation
+is settled to its real usage: the difference goes back to the slice, or what it used beyond the
+reservation is taken too. Windows are fixed UTC minutes, days and months, the periods the aggregator counts.
 
-A key's usage read from the table is reused for ``QUOTA_CACHE_SECONDS`` and re-read in the
-background before that runs out, so a busy key never waits for the table. A request that finds no
-usable figure (first use, a new window, a long pause) waits for the read at most
-``QUOTA_READ_TIMEOUT_SECONDS``; when the table cannot be read in time the gateway fails open on the
-table part (the last figures read for windows still current, else nothing) and keeps counting its own
-admissions.
+Slices are leased from the key's row in the ``quotabudgets`` table (see ``_budget`` for the row and the
+bound), ahead of need and in the background, so a busy key makes no Table call on the request path. The
+key's usage in the ``usage`` table (tokens, requests and cost of its current windows) is read with the
+leases, at most every ``QUOTA_CACHE_SECONDS``; counted usage that the row does not show raises the row.
+
+A request whose slice cannot cover it waits for a lease at most ``QUOTA_READ_TIMEOUT_SECONDS``. When the
+lease fails (storage down or hung) the instance, by default, fails open: it admits from what it knew (the
+window's remainder as it last saw it, counting its own admissions) and writes what it took with its next
+lease; ``QUOTA_FAIL_CLOSED=true`` answers 503 with ``Retry-After`` instead. Either way it retries the row
+only after ``FAILED_RETRY_SECONDS``, so an outage costs one request one wait, not every request.
 """
 
 from __future__ import annotations
@@ -20,228 +24,450 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
 from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables.aio import TableClient, TableServiceClient
 
-from gateway._exceptions import BadRequest, QuotaExceeded, retry_after_headers
-from usage import STORAGE_ERRORS, KeyRecord, Limits, bounded
+from gateway._budget import (
+    COST_MONTH,
+    METERS,
+    REQUESTS_MINUTE,
+    WINDOWS,
+    Account,
+    BudgetConflict,
+    BudgetStore,
+    Meter,
+    limit_of,
+    slice_to_lease,
+    window_end,
+)
+from gateway._exceptions import BadRequest, QuotaExceeded, QuotaUnavailable, retry_after_headers
+from usage import STORAGE_ERRORS, KeyRecord, bounded
 from usage._schema import USAGE_TABLE, partition_key, period_start
 from usage._tables import as_int
 
 log = logging.getLogger(__name__)
 
-_WINDOWS = ("minute", "day", "month")
 REMAINING_HEADER = "x-ratelimit-remaining-tokens"
-#: A key's usage is re-read in the background once this share of ``QUOTA_CACHE_SECONDS`` has passed.
-REFRESH_AHEAD = 0.8
-
-
-def _window_end(window: str, now: datetime) -> datetime:
-    if window == "minute":
-        return now.replace(second=0, microsecond=0) + timedelta(minutes=1)
-    if window == "day":
-        return now.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
-    first = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    return (first + timedelta(days=32)).replace(day=1)
-
-
-def _limit_of(limits: Limits, window: str) -> int | None:
-    return {"minute": limits.tokens_per_minute, "day": limits.tokens_per_day, "month": limits.tokens_per_month}[window]
-
-
-@dataclass(slots=True)
-class Reservation:
-    """One request's tokens, counted by this instance until the table has them."""
-
-    windows: dict[str, str]  # window -> period start, when the request was admitted
-    tokens: int
-    expires: float | None = None  # clock time after which the table is trusted instead
-    remaining: int | None = None  # the key's remaining tokens after this admission
-
-    def settle(self, tokens: int, *, until: float) -> None:
-        self.tokens = tokens
-        self.expires = until
-
-
-@dataclass(slots=True)
-class _Cached:
-    values: dict[str, int]
-    windows: dict[str, str]
-    expires: float  # clock time until which the figures are used without waiting for the table
-    refresh_at: float  # clock time from which a request starts a background read
-    failed: bool = False  # the last read failed: used until one succeeds, no request waits meanwhile
-
-
-@dataclass(slots=True)
-class _KeyState:
-    reservations: list[Reservation] = field(default_factory=list)
-    cached: _Cached | None = None
-    reading: asyncio.Task[None] | None = None
+REMAINING_REQUESTS_HEADER = "x-ratelimit-remaining-requests"
+QUOTA_HEADERS = frozenset({REMAINING_HEADER, REMAINING_REQUESTS_HEADER})
+#: after a failed lease, the row is tried again only after this long (requests meanwhile do not wait)
+FAILED_RETRY_SECONDS = 5.0
+#: a key refused by what the instance knows re-reads its row at most this often (slices handed back)
+RECHECK_SECONDS = 10.0
+#: write conflicts (412) one lease rides out before it gives up until the next
+MAX_CONFLICTS = 8
+#: shares of a monthly money budget (percent) at which a warning is logged, once per key, month and instance
+BUDGET_WARNINGS = (80, 100)
+_USAGE_COLUMNS = {"tokens": "TotalTokens", "requests": "Requests", "cost": "CostNano"}
 
 
 class UsageReader(Protocol):
-    """Where a key's usage comes from: ``TableUsage``, or a test's stand-in."""
+    """Where a key's counted usage comes from: ``TableUsage``, or a test's stand-in."""
 
-    async def read(self, key: str, now: datetime, windows: Mapping[str, str]) -> dict[str, int]: ...
+    async def read(self, key: str, now: datetime, windows: Mapping[str, str]) -> dict[Meter, int]: ...
 
 
 class TableUsage:
-    """A key's tokens in its current windows, over all deployments, from the usage table."""
+    """A key's tokens, requests and cost in its current windows, over all deployments, from the usage table."""
 
     def __init__(self, service: TableServiceClient, *, timeout: float) -> None:
         self._table: TableClient = service.get_table_client(USAGE_TABLE)
         self._options = bounded(timeout)
 
-    async def read(self, key: str, now: datetime, windows: Mapping[str, str]) -> dict[str, int]:
+    async def read(self, key: str, now: datetime, windows: Mapping[str, str]) -> dict[Meter, int]:
         terms = []
         parameters = {"pk": partition_key(key, now)}
-        for window in _WINDOWS:
+        for window in WINDOWS:
             parameters[f"{window}_lo"] = f"{window}|{windows[window]}|"
             parameters[f"{window}_hi"] = f"{window}|{windows[window]}|~"
             terms.append(f"( RowKey ge @{window}_lo and RowKey lt @{window}_hi )")
-        totals = dict.fromkeys(_WINDOWS, 0)
+        totals = dict.fromkeys(METERS, 0)
         try:
             async for entity in self._table.query_entities(
                 f"PartitionKey eq @pk and ( {' or '.join(terms)} )", parameters=parameters,
-                select=["RowKey", "TotalTokens"], **self._options,
+                select=["RowKey", *_USAGE_COLUMNS.values()], **self._options,
             ):
-                totals[str(entity["RowKey"]).split("|", 1)[0]] += as_int(entity.get("TotalTokens"))
+                window = str(entity["RowKey"]).split("|", 1)[0]
+                for meter in METERS:
+                    if meter.window == window:
+                        totals[meter] += as_int(entity.get(_USAGE_COLUMNS[meter.unit]))
         except ResourceNotFoundError:  # no usage table yet: nothing used
             pass
         return totals
 
 
-def _known(cached: _Cached | None, windows: Mapping[str, str]) -> dict[str, int]:
-    """The cached figures of the windows still current; 0 for the others."""
-    if cached is None:
-        return dict.fromkeys(_WINDOWS, 0)
-    return {w: cached.values[w] if cached.windows[w] == windows[w] else 0 for w in _WINDOWS}
+@dataclass(slots=True)
+class Reservation:
+    """What one admitted request took out of its key's slices, settled when its usage is known."""
+
+    key: str
+    taken: dict[Meter, tuple[str, int]]  # meter -> (its window's period, amount)
+    remaining: int | None = None  # the key's remaining tokens after this admission (None: no token quota)
+    remaining_requests: int | None = None
+    settled: bool = False
+
+    @property
+    def priced(self) -> bool:
+        """It holds a money budget's reservation: its settlement needs the request's cost."""
+        return COST_MONTH in self.taken
+
+    def headers(self) -> dict[str, str]:
+        """The key's own ``x-ratelimit-remaining-*`` (only for what it limits)."""
+        headers = {}
+        if self.remaining is not None:
+            headers[REMAINING_HEADER] = str(self.remaining)
+        if self.remaining_requests is not None:
+            headers[REMAINING_REQUESTS_HEADER] = str(self.remaining_requests)
+        return headers
+
+
+@dataclass(slots=True)
+class _KeyState:
+    accounts: dict[Meter, Account] = field(default_factory=dict)
+    row: dict[str, Any] | None = None  # the row as last read or written
+    etag: str | None = None  # None: read the row before writing it
+    leasing: asyncio.Task[None] | None = None
+    counted_at: float | None = None  # clock of the last usage read
+    counted_windows: dict[str, str] | None = None
+    failed_until: float = float("-inf")  # a failed lease: no request waits for the row until then
+    last_lease: float = float("-inf")
+    warned: set[tuple[str, int]] = field(default_factory=set)  # (month, percent) of the budget warnings logged
+    budget: int | None = None  # the key's monthly money budget, as its last admission saw it
+
+    def account(self, meter: Meter, period: str) -> Account:
+        """The meter's account for ``period``; a request that arrived in a window already over (admitted just
+        after its end, behind a newer one) is counted in the current window instead."""
+        account = self.accounts.get(meter)
+        if account is None or account.period < period:  # a new window: nothing held, nothing known
+            account = self.accounts[meter] = Account(period)
+        return account
 
 
 class QuotaGuard:
-    """Admits or refuses requests against their key's quotas.
+    """Admits or refuses requests against their key's quotas, shared with every instance through ``budgets``.
 
-    ``read_timeout`` is the longest a request waits for its key's usage; ``refresh_timeout`` bounds
-    each read of the table, which goes on in the background for the next request once a request
-    stopped waiting.
+    ``read_timeout`` is the longest a request waits for a lease; ``refresh_timeout`` bounds each lease, which
+    goes on in the background once a request stopped waiting.
     """
 
     def __init__(
         self,
         usage: UsageReader,
+        budgets: BudgetStore,
         *,
         cache_seconds: float,
-        settle_seconds: float,
         read_timeout: float,
         refresh_timeout: float,
         clock: Callable[[], float],
         wall_clock: Callable[[], float],
+        fail_closed: bool = False,
+        on_budget_warning: Callable[[str, int], None] | None = None,
     ) -> None:
         self._usage = usage
+        self._budgets = budgets
         self._cache_seconds = cache_seconds
-        self.settle_seconds = settle_seconds
         self._read_timeout = read_timeout
         self._refresh_timeout = refresh_timeout
         self._clock = clock
         self._wall_clock = wall_clock
+        self._fail_closed = fail_closed
+        self._on_budget_warning = on_budget_warning
         self._keys: dict[str, _KeyState] = {}
 
-    async def _used(self, key: str, state: _KeyState, now: datetime, windows: dict[str, str]) -> dict[str, int]:
-        """The key's usage in the table, as far as it is known without waiting long."""
-        cached = state.cached
-        clock = self._clock()
-        current = cached is not None and cached.windows == windows and clock < cached.expires
-        if cached is not None and (current or cached.failed):
-            if clock >= cached.refresh_at or cached.windows != windows:
-                self._read(key, state, now, windows)
-            return _known(cached, windows)
-        try:
-            async with asyncio.timeout(self._read_timeout):
-                await asyncio.shield(self._read(key, state, now, windows))
-        except TimeoutError:
-            log.warning("quota: usage of %s not read within %gs; counting what is known", key, self._read_timeout)
-            return self._keep(state, _known(state.cached, windows), windows, failed=True)
-        return _known(state.cached, windows)
+    # -- admission -----------------------------------------------------------------------------
 
-    def _keep(
-        self, state: _KeyState, values: dict[str, int], windows: dict[str, str], *, failed: bool = False
-    ) -> dict[str, int]:
-        """Use ``values`` for the next ``QUOTA_CACHE_SECONDS`` (re-read in the background before then)."""
-        clock = self._clock()
-        state.cached = _Cached(values, windows, clock + self._cache_seconds,
-                               clock + self._cache_seconds * REFRESH_AHEAD, failed)
-        return values
+    async def admit(self, key: KeyRecord, *, estimate: int, cost_nano: int = 0, arrived: float | None = None
+                    ) -> Reservation:
+        """Reserve ``estimate`` tokens, one request and ``cost_nano`` for ``key``, or raise ``QuotaExceeded``
+        (429), ``QuotaUnavailable`` (503, failing closed) or ``BadRequest`` (a request no window can hold).
 
-    def _read(self, key: str, state: _KeyState, now: datetime, windows: dict[str, str]) -> asyncio.Task[None]:
-        """The running read of ``key``'s usage, started if there is none."""
-        if state.reading is None:
-            state.reading = asyncio.create_task(self._refresh(key, state, now, windows), name="quota read")
-            state.reading.add_done_callback(partial(self._read_done, key, state))
-        return state.reading
+        ``arrived`` (wall-clock seconds) picks the windows, as the aggregator does with the event's time.
+        """
+        now = datetime.fromtimestamp(self._wall_clock() if arrived is None else arrived, UTC)
+        periods = {window: period_start(window, now) for window in WINDOWS}
+        needs = self._needs(key, estimate, cost_nano)
+        state = self._keys.setdefault(key.name, _KeyState())
+        state.budget = key.limits.budget_nano_per_month
+        accounts = {meter: state.account(meter, periods[meter.window]) for meter in needs}
+        short = [m for m, need in needs.items() if accounts[m].held < need]
+        if short:
+            blocked = [m for m in short if self._known_blocked(key, m, accounts[m], needs[m])]
+            if blocked:
+                if self._clock() >= state.last_lease + RECHECK_SECONDS and state.leasing is None:
+                    state.etag = None  # read the row afresh: a slice handed back may let it in later
+                    self._lease(key, state, periods, needs)
+            else:
+                await self._wait_for_lease(key, state, periods, needs, accounts)
+            blocked = [m for m, need in needs.items() if accounts[m].held < need]
+            if blocked:
+                if COST_MONTH in blocked:
+                    self._warn_budget(key.name, state, accounts[COST_MONTH], spent=True)
+                raise self._refusal(key, accounts, needs, blocked, now)
+        for meter, need in needs.items():
+            accounts[meter].take(need)
+        if state.leasing is None and self._clock() >= state.failed_until and any(
+                accounts[m].held < accounts[m].target(0) // 2
+                and accounts[m].remaining(self._limit(key, m)) > accounts[m].held for m in needs):
+            self._lease(key, state, periods, {})  # the next slice, before this one runs dry
+        reservation = Reservation(key.name, {m: (accounts[m].period, need) for m, need in needs.items()})
+        reservation.remaining, reservation.remaining_requests = self._remaining(key, accounts)
+        return reservation
 
-    async def _refresh(self, key: str, state: _KeyState, now: datetime, windows: dict[str, str]) -> None:
-        try:
-            async with asyncio.timeout(self._refresh_timeout):
-                values = await self._usage.read(key, now, windows)
-        except STORAGE_ERRORS as exc:  # fail open on the table, keep counting this instance's own
-            log.warning("quota: cannot read usage of %s (%s); counting this instance's admissions and the "
-                        "last figures read", key, type(exc).__name__)
-            self._keep(state, _known(state.cached, windows), windows, failed=True)
+    def remaining_headers(self, key: KeyRecord) -> dict[str, str]:
+        """The key's ``x-ratelimit-remaining-*`` as this instance knows them, without admitting anything (for an
+        answer refused before admission)."""
+        now = datetime.fromtimestamp(self._wall_clock(), UTC)
+        state = self._keys.setdefault(key.name, _KeyState())
+        accounts = {meter: state.account(meter, period_start(meter.window, now)) for meter in METERS
+                    if limit_of(key.limits, meter) is not None}
+        reservation = Reservation(key.name, {})
+        reservation.remaining, reservation.remaining_requests = self._remaining(key, accounts)
+        return reservation.headers()
+
+    def settle(self, reservation: Reservation, *, tokens: int, cost_nano: int = 0) -> None:
+        """The request used ``tokens`` and cost ``cost_nano``: give back what it reserved beyond that, or take more."""
+        if reservation.settled:
             return
-        self._keep(state, values, windows)
+        reservation.settled = True
+        state = self._keys.get(reservation.key)
+        if state is None:
+            return
+        for meter, (period, reserved) in reservation.taken.items():
+            account = state.accounts.get(meter)
+            if account is None or account.period != period:
+                continue  # that window is over
+            used = {"tokens": tokens, "requests": 1, "cost": cost_nano}[meter.unit]
+            account.give_back(reserved - used)
+            if meter is COST_MONTH:
+                self._warn_budget(reservation.key, state, account)
+
+    def _warn_budget(self, name: str, state: _KeyState, account: Account, *, spent: bool = False) -> None:
+        """Log (and count) a key passing 80% and 100% of its monthly budget, once each per month and instance."""
+        limit = state.budget
+        if limit is None:
+            return
+        used = max(account.counted, account.known_used() - account.held)
+        for percent in BUDGET_WARNINGS:
+            if (account.period, percent) in state.warned:
+                continue
+            if not ((spent and percent == 100) or used * 100 >= limit * percent):
+                continue
+            state.warned.add((account.period, percent))
+            log.warning("quota: key %s has spent %d%% of its monthly budget (%s)", name, percent, account.period)
+            if self._on_budget_warning is not None:
+                self._on_budget_warning(name, percent)
 
     @staticmethod
-    def _read_done(key: str, state: _KeyState, task: asyncio.Task[None]) -> None:
-        state.reading = None
+    def _limit(key: KeyRecord, meter: Meter) -> int:
+        limit = limit_of(key.limits, meter)
+        assert limit is not None
+        return limit
+
+    @staticmethod
+    def _needs(key: KeyRecord, estimate: int, cost_nano: int) -> dict[Meter, int]:
+        needs: dict[Meter, int] = {}
+        for meter in METERS:
+            limit = limit_of(key.limits, meter)
+            if limit is None:
+                continue
+            need = {"tokens": estimate, "requests": 1, "cost": cost_nano}[meter.unit]
+            if meter.unit == "tokens" and need > limit:  # no wait would ever let it in
+                raise BadRequest(
+                    f"This request may use about {estimate} tokens (prompt plus max_tokens), more than key "
+                    f"'{key.name}' may use per {meter.window} ({limit}). Lower max_tokens or shorten the prompt.",
+                    code="QuotaTooSmall")
+            needs[meter] = need
+        return needs
+
+    def _known_blocked(self, key: KeyRecord, meter: Meter, account: Account, need: int) -> bool:
+        """Even the whole remainder this instance knows of cannot hold ``need``: no lease can help."""
+        return self._limit(key, meter) - account.known_used() + account.held < need
+
+    async def _wait_for_lease(self, key: KeyRecord, state: _KeyState, periods: dict[str, str],
+                              needs: dict[Meter, int], accounts: dict[Meter, Account]) -> None:
+        """Lease what ``needs`` lacks, waiting at most ``QUOTA_READ_TIMEOUT_SECONDS``; when the row cannot be
+        leased, fail open (admit from what this instance knows) or closed (503)."""
+        for _ in range(2):  # a lease ahead already running may not cover this request: then one of its own
+            if self._clock() < state.failed_until:
+                break
+            task = state.leasing if state.leasing is not None else self._lease(key, state, periods, needs)
+            try:
+                async with asyncio.timeout(self._read_timeout):
+                    await asyncio.shield(task)
+            except TimeoutError:
+                log.warning("quota: the budget of %s was not leased within %gs", key.name, self._read_timeout)
+                state.failed_until = self._clock() + FAILED_RETRY_SECONDS
+                break
+            if self._clock() < state.failed_until:
+                break  # the lease failed
+            if all(accounts[m].held >= need or self._known_blocked(key, m, accounts[m], need)
+                   for m, need in needs.items()):
+                return  # leased; what is still short is refused by the caller
+        else:
+            return
+        if self._fail_closed:
+            raise QuotaUnavailable(retry_after=max(1.0, state.failed_until - self._clock()))
+        for meter, need in needs.items():  # fail open: whatever this instance knows is left, once per outage
+            account = accounts[meter]
+            if account.held < need:
+                known = max(0, self._limit(key, meter) - account.known_used())
+                account.held += known
+                account.owed += known
+
+    def _remaining(self, key: KeyRecord, accounts: dict[Meter, Account]) -> tuple[int | None, int | None]:
+        tokens = [a.remaining(self._limit(key, m)) for m, a in accounts.items() if m.unit == "tokens"]
+        requests = accounts.get(REQUESTS_MINUTE)
+        return (min(tokens) if tokens else None,
+                None if requests is None else requests.remaining(self._limit(key, REQUESTS_MINUTE)))
+
+    def _refusal(self, key: KeyRecord, accounts: dict[Meter, Account], needs: dict[Meter, int],
+                 blocked: list[Meter], now: datetime) -> QuotaExceeded:
+        wait = max((window_end(m.window, now) - now).total_seconds() for m in blocked)
+        tokens, requests = self._remaining(key, accounts)
+        headers = retry_after_headers(wait)
+        if tokens is not None:
+            headers[REMAINING_HEADER] = str(tokens)
+        if requests is not None:
+            headers[REMAINING_REQUESTS_HEADER] = str(requests)
+        seconds = max(1, round(wait))
+        if COST_MONTH in blocked:
+            message = (f"The monthly budget of key '{key.name}' is spent; it renews at the start of next month "
+                       f"(UTC). Please retry after {seconds} seconds.")
+        elif REQUESTS_MINUTE in blocked and not any(m.unit == "tokens" for m in blocked):
+            message = (f"Key '{key.name}' is over its rate limit of {key.limits.requests_per_minute} requests per "
+                       f"minute. Please retry after {seconds} seconds.")
+        else:
+            windows = [m.window for m in blocked if m.unit == "tokens"]
+            left = 0 if tokens is None else tokens
+            message = (f"Key '{key.name}' is over its token quota per {' and '.join(windows)} "
+                       f"(this request needs about {needs[blocked[0]]} tokens, {left} are left). "
+                       f"Please retry after {seconds} seconds.")
+        return QuotaExceeded(message, headers=headers)
+
+    # -- leases --------------------------------------------------------------------------------
+
+    def _lease(self, key: KeyRecord, state: _KeyState, periods: dict[str, str],
+               needs: Mapping[Meter, int]) -> asyncio.Task[None]:
+        """The running lease of ``key``'s slices, started if there is none."""
+        if state.leasing is None:
+            state.last_lease = self._clock()
+            state.leasing = asyncio.create_task(self._leased(key, state, periods, dict(needs)), name="quota lease")
+            state.leasing.add_done_callback(partial(self._lease_done, key.name, state))
+        return state.leasing
+
+    async def _leased(self, key: KeyRecord, state: _KeyState, periods: dict[str, str], needs: dict[Meter, int]
+                      ) -> None:
+        try:
+            async with asyncio.timeout(self._refresh_timeout):
+                await self._read_counted(key, state, periods)
+                await self._write_slices(key, state, periods, needs)
+        except STORAGE_ERRORS as exc:
+            state.failed_until = self._clock() + FAILED_RETRY_SECONDS
+            log.warning("quota: cannot lease the budget of %s (%s); %s", key.name, type(exc).__name__,
+                        "refusing what its slices cannot cover" if self._fail_closed
+                        else "admitting from what this instance knows")
+
+    async def _read_counted(self, key: KeyRecord, state: _KeyState, periods: dict[str, str]) -> None:
+        clock = self._clock()
+        if (state.counted_at is not None and state.counted_windows == periods
+                and clock < state.counted_at + self._cache_seconds):
+            return
+        now = datetime.fromtimestamp(self._wall_clock(), UTC)
+        try:
+            counted = await self._usage.read(key.name, now, periods)
+        except STORAGE_ERRORS as exc:  # the row may still answer: lease on the last figures
+            log.warning("quota: cannot read the usage of %s (%s)", key.name, type(exc).__name__)
+            return
+        state.counted_at, state.counted_windows = clock, dict(periods)
+        for meter, value in counted.items():
+            account = state.accounts.get(meter)
+            if account is not None and account.period == periods[meter.window]:
+                account.counted = max(account.counted, value)
+
+    async def _write_slices(self, key: KeyRecord, state: _KeyState, periods: dict[str, str],
+                            needs: dict[Meter, int]) -> None:
+        for _ in range(MAX_CONFLICTS):
+            if state.etag is None:
+                found = await self._budgets.read(key.name)
+                state.row, state.etag = (None, None) if found is None else found
+            row = dict(state.row or {})
+            grants: dict[Meter, tuple[Account, int, int, int]] = {}
+            for meter in METERS:
+                limit = limit_of(key.limits, meter)
+                if limit is None:
+                    continue
+                account = state.account(meter, periods[meter.window])
+                account.note_rate(self._clock())
+                granted = as_int(row.get(meter.granted_column)) if row.get(meter.period_column) == account.period \
+                    else 0
+                base = max(granted, account.counted)
+                account.seen = max(account.seen, granted)
+                grant = slice_to_lease(account, limit=limit, granted=base, need=needs.get(meter, 0))
+                owed = account.owed
+                if grant or owed or base != granted:
+                    row[meter.period_column] = account.period
+                    row[meter.granted_column] = base + owed + grant
+                    grants[meter] = (account, grant, owed, base + owed + grant)
+            if not grants:
+                return
+            try:
+                state.etag = await self._budgets.write(key.name, row, state.etag)
+            except BudgetConflict:
+                state.etag = None
+                continue
+            state.row = row
+            for account, grant, owed, total in grants.values():
+                account.held += grant
+                account.owed -= owed
+                account.seen = total
+            return
+        log.warning("quota: the budget row of %s kept changing under %d leases; trying later", key.name,
+                    MAX_CONFLICTS)
+
+    @staticmethod
+    def _lease_done(name: str, state: _KeyState, task: asyncio.Task[None]) -> None:
+        state.leasing = None
         if not task.cancelled() and (error := task.exception()) is not None:
-            log.error("quota: reading usage of %s failed inside the gateway", key, exc_info=error)
+            log.error("quota: leasing the budget of %s failed inside the gateway", name, exc_info=error)
 
     async def close(self) -> None:
-        """Cancel the reads still running (at shutdown)."""
-        tasks = [state.reading for state in self._keys.values() if state.reading is not None]
+        """Cancel the leases still running and hand the unused slices back (at shutdown, best effort)."""
+        tasks = [state.leasing for state in self._keys.values() if state.leasing is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            async with asyncio.timeout(self._refresh_timeout):
+                await asyncio.gather(*(self._hand_back(name, state) for name, state in self._keys.items()))
+        except STORAGE_ERRORS as exc:
+            log.warning("quota: unused slices not handed back at shutdown (%s)", type(exc).__name__)
 
-    async def admit(self, key: KeyRecord, *, estimate: int) -> Reservation:
-        """Reserve ``estimate`` tokens for ``key``, or raise ``QuotaExceeded`` (429)."""
-        now = datetime.fromtimestamp(self._wall_clock(), UTC)
-        windows = {window: period_start(window, now) for window in _WINDOWS}
-        state = self._keys.setdefault(key.name, _KeyState())
-        clock = self._clock()
-        state.reservations = [r for r in state.reservations if r.expires is None or r.expires > clock]
-        for window in _WINDOWS:
-            limit = _limit_of(key.limits, window)
-            if limit is not None and estimate > limit:  # no wait would ever let it in
-                raise BadRequest(
-                    f"This request may use about {estimate} tokens (prompt plus max_tokens), more than key "
-                    f"'{key.name}' may use per {window} ({limit}). Lower max_tokens or shorten the prompt.",
-                    code="QuotaTooSmall")
-        table = await self._used(key.name, state, now, windows)
-        remaining: int | None = None
-        blocked: list[str] = []
-        for window in _WINDOWS:
-            limit = _limit_of(key.limits, window)
-            if limit is None:
+    async def _hand_back(self, name: str, state: _KeyState) -> None:
+        for _ in range(MAX_CONFLICTS):
+            if not any(a.held > 0 for a in state.accounts.values()):
+                return
+            if state.etag is None:
+                found = await self._budgets.read(name)
+                if found is None:
+                    return
+                state.row, state.etag = found
+            row = dict(state.row or {})
+            returned: list[Account] = []
+            for meter, account in state.accounts.items():
+                if account.held > 0 and row.get(meter.period_column) == account.period:
+                    row[meter.granted_column] = max(0, as_int(row.get(meter.granted_column)) - account.held)
+                    returned.append(account)
+            if not returned:
+                return
+            try:
+                state.etag = await self._budgets.write(name, row, state.etag)
+            except BudgetConflict:
+                state.etag = None
                 continue
-            used = table[window] + sum(r.tokens for r in state.reservations if r.windows[window] == windows[window])
-            left = limit - used - estimate
-            if left < 0:
-                blocked.append(window)
-            remaining = left if remaining is None else min(remaining, left)
-        if blocked:
-            wait = max((_window_end(w, now) - now).total_seconds() for w in blocked)
-            left_now = max(0, (remaining or 0) + estimate)
-            raise QuotaExceeded(
-                f"Key '{key.name}' is over its token quota per {' and '.join(blocked)} "
-                f"(this request needs about {estimate} tokens, {left_now} are left). "
-                f"Please retry after {max(1, round(wait))} seconds.",
-                headers={**retry_after_headers(wait), REMAINING_HEADER: str(left_now)},
-            )
-        reservation = Reservation(windows, estimate, remaining=None if remaining is None else max(0, remaining))
-        state.reservations.append(reservation)
-        return reservation
+            for account in returned:
+                account.held = 0
+            return

@@ -23,6 +23,7 @@ from gateway import _tokens
 from gateway._affinity import AffinityMap
 from gateway._auth import KeyCache
 from gateway._backends import BackendPool
+from gateway._budget import TableBudgets
 from gateway._contentlog import ContentLog, content_publisher
 from gateway._credentials import TokenProvider
 from gateway._proxy import Proxy
@@ -152,14 +153,15 @@ class GatewayRuntime:
                         timeout=settings.key_lookup_timeout, clock=clock, secret=settings.key_hash_secret,
                         previous_secret=settings.key_hash_previous_secret, rehash=store.rehash)
         self._closers.append(keys.close)
+        self.telemetry = Telemetry.from_env(settings.backends)  # exporters from the environment, once per process
         quota = QuotaGuard(TableUsage(tables, timeout=settings.key_lookup_timeout),
-                           cache_seconds=settings.quota_cache_seconds, settle_seconds=settings.quota_settle_seconds,
-                           read_timeout=settings.quota_read_timeout, refresh_timeout=settings.key_lookup_timeout,
-                           clock=clock, wall_clock=wall_clock)
+                           TableBudgets(tables, timeout=settings.key_lookup_timeout),
+                           cache_seconds=settings.quota_cache_seconds, read_timeout=settings.quota_read_timeout,
+                           refresh_timeout=settings.key_lookup_timeout, fail_closed=settings.quota_fail_closed,
+                           clock=clock, wall_clock=wall_clock, on_budget_warning=self.telemetry.budget_warning)
         self._closers.append(quota.close)
         # a Service Bus send, like an aggregation into the tables, costs milliseconds of CPU whatever its
         # size: gather events briefly first, so a burst of requests costs one send (see the constants)
-        self.telemetry = Telemetry.from_env(settings.backends)  # exporters from the environment, once per process
         linger = IN_PROCESS_LINGER if settings.service_bus is None else SERVICE_BUS_LINGER
         self.publisher = UsagePublisher(self._transport(settings, tables, credential),
                                         capacity=settings.usage_buffer_size, linger=linger)
@@ -210,7 +212,7 @@ class GatewayRuntime:
         config = settings.service_bus
         if config is None:
             log.info("no Service Bus configured: usage events go straight to the aggregator in this process")
-            return InProcessTransport(Aggregator(tables))
+            return InProcessTransport(Aggregator(tables, prices=settings.prices))
         if config.connection_string is not None:
             try:
                 client = ServiceBusClient.from_connection_string(config.connection_string)

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from gateway._exceptions import SettingsError
 from usage import BlobStorageConfig, StorageConfig, load_blob_config, load_storage_config
 from usage._config import DEFAULT_LEDGER_RETENTION_DAYS, load_ledger_retention
+from usage._prices import PRICES_SETTING, Prices, load_prices
 
 DEPLOYMENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -104,7 +105,8 @@ class Settings:
     service_bus: ServiceBusConfig | None = None
     usage_buffer_size: int = 10_000
     quota_cache_seconds: float = 5.0
-    quota_settle_seconds: float = 30.0
+    #: a key's shared quota that cannot be leased (storage down): 503 instead of admitting from what is known
+    quota_fail_closed: bool = False
     quota_read_timeout: float = 0.5
     #: where content records go (``CONTENT_LOG``); ``None``: nothing is recorded, whatever the keys say
     content_log: BlobStorageConfig | None = None
@@ -114,6 +116,8 @@ class Settings:
     content_log_buffer_bytes: int = 64 * 1024 * 1024
     #: read by the ledger clean-up (``usage``); checked here so a bad value stops start-up and shows in readiness
     ledger_retention_days: float = DEFAULT_LEDGER_RETENTION_DAYS
+    #: ``PRICES``: each deployment's price history; read by the aggregator, checked here so a bad value stops start-up
+    prices: Prices = field(default_factory=Prices)
 
     @property
     def needs_credential(self) -> bool:
@@ -146,6 +150,17 @@ def _integer(env: Mapping[str, str], name: str, default: int, *, minimum: int = 
     if value < minimum:
         raise SettingsError(name, f"must be at least {minimum}, not {value}")
     return value
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("true", "1", "yes"):
+        return True
+    if raw in ("false", "0", "no"):
+        return False
+    raise SettingsError(name, f"must be true or false, not {raw!r}")
 
 
 def _seconds(value: Any, where: str) -> float:
@@ -266,10 +281,24 @@ def load_redactions(raw: str) -> tuple[str, ...]:
     return tuple(items)
 
 
+def load_checked_prices(env: Mapping[str, str], backends: tuple[BackendConfig, ...]) -> Prices:
+    """``PRICES``, whose backend overrides must name backends of ``AOAI_BACKENDS`` (a typo would price at the base)."""
+    prices = load_prices(env)
+    names = {backend.name for backend in backends}
+    for deployment, history in prices.entries.items():
+        for entry in history:
+            unknown = sorted(set(entry.backends) - names)
+            if unknown:
+                raise SettingsError(PRICES_SETTING, f"[{deployment!r}].backends names {unknown}, which "
+                                    "AOAI_BACKENDS does not have")
+    return prices
+
+
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Build the settings from ``env``; a missing or malformed setting raises, naming it."""
+    backends = load_backends(env.get("AOAI_BACKENDS", ""))
     return Settings(
-        backends=load_backends(env.get("AOAI_BACKENDS", "")),
+        backends=backends,
         storage=load_storage_config(env),
         key_hash_secret=env.get("KEY_HASH_SECRET", "").encode(),
         key_hash_previous_secret=env.get("KEY_HASH_SECRET_PREVIOUS", "").encode(),
@@ -288,11 +317,12 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         service_bus=load_service_bus(env),
         usage_buffer_size=_integer(env, "USAGE_BUFFER_SIZE", 10_000),
         quota_cache_seconds=_number(env, "QUOTA_CACHE_SECONDS", 5.0),
-        quota_settle_seconds=_number(env, "QUOTA_SETTLE_SECONDS", 30.0),
+        quota_fail_closed=_flag(env, "QUOTA_FAIL_CLOSED", False),
         quota_read_timeout=_number(env, "QUOTA_READ_TIMEOUT_SECONDS", 0.5, minimum=0.001),
         content_log=load_blob_config(env),
         content_log_max_bytes=_integer(env, "CONTENT_LOG_MAX_BYTES", 1024 * 1024, minimum=4096),
         content_log_redact=load_redactions(env.get("CONTENT_LOG_REDACT", "")),
         content_log_buffer_bytes=_integer(env, "CONTENT_LOG_BUFFER_BYTES", 64 * 1024 * 1024, minimum=1024 * 1024),
         ledger_retention_days=load_ledger_retention(env),
+        prices=load_checked_prices(env, backends),
     )

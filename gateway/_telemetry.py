@@ -62,6 +62,8 @@ METRICS = {
     "aoai_gateway.failovers": ("counter", "{attempt}", "Backend attempts that failed over, by reason"),
     "aoai_gateway.backends.cooling": ("gauge", "{backend}", "Backends cooling now, per backend"),
     "aoai_gateway.quota.refusals": ("counter", "{request}", "Requests refused by a key's token quota"),
+    "aoai_gateway.quota.budget_warnings": ("counter", "{warning}",
+                                           "Keys passing 80% and 100% of their monthly budget, by threshold"),
     "aoai_gateway.usage.buffered": ("gauge", "{event}", "Usage events waiting in the publisher's buffer"),
     "aoai_gateway.usage.dropped": ("counter", "{event}", "Usage events dropped from a full buffer"),
     "aoai_gateway.usage.failed_sends": ("counter", "{send}", "Usage batches whose send failed"),
@@ -284,6 +286,9 @@ class Telemetry:
                                                description=METRICS["aoai_gateway.failovers"][2])
         self._refusals = meter.create_counter("aoai_gateway.quota.refusals", unit="{request}",
                                               description=METRICS["aoai_gateway.quota.refusals"][2])
+        self._budget_warnings = meter.create_counter(
+            "aoai_gateway.quota.budget_warnings", unit="{warning}",
+            description=METRICS["aoai_gateway.quota.budget_warnings"][2])
 
     @classmethod
     def from_env(cls, backends: Sequence[BackendConfig], env: Mapping[str, str] | None = None) -> Telemetry:
@@ -347,6 +352,11 @@ class Telemetry:
                 attributes["server.port"] = port
             self._attempt_attributes[backend.name] = attributes
         return _Attempt(self, backend.name, attributes, headers)
+
+    def budget_warning(self, key_name: str, percent: int) -> None:
+        """A key passed ``percent`` of its monthly budget (logged by the quota guard)."""
+        if self.enabled:
+            self._budget_warnings.add(1, {"aoai_gateway.key_name": key_name, "aoai_gateway.budget.percent": percent})
 
     def refused(self, span: Span | None, error: RequestError) -> None:
         """The gateway answered ``error`` itself; a quota refusal is counted."""

@@ -31,6 +31,7 @@ from gateway import BackendConfig, Settings
 from tests.fakes import RecordedUsage, SharedClock
 from usage import KeyStore, StorageConfig, open_table_service
 from usage._keys import Limits
+from usage._prices import dump_prices
 
 T = TypeVar("T")
 PROJECT = Path(__file__).resolve().parent.parent
@@ -196,7 +197,7 @@ SETTING_WRITERS: dict[str, Callable[[Any], dict[str, str]]] = {
            else {"ServiceBusConnection__fullyQualifiedNamespace": v.fully_qualified_namespace})},
     "usage_buffer_size": lambda v: {"USAGE_BUFFER_SIZE": str(v)},
     "quota_cache_seconds": lambda v: {"QUOTA_CACHE_SECONDS": _seconds(v)},
-    "quota_settle_seconds": lambda v: {"QUOTA_SETTLE_SECONDS": _seconds(v)},
+    "quota_fail_closed": lambda v: {"QUOTA_FAIL_CLOSED": "true" if v else "false"},
     "content_log": lambda v: {} if v is None else (
         {"CONTENT_LOG": v.connection_string} if v.connection_string is not None
         else {"CONTENT_LOG__blobServiceUri": v.blob_service_uri}),
@@ -204,6 +205,7 @@ SETTING_WRITERS: dict[str, Callable[[Any], dict[str, str]]] = {
     "content_log_redact": lambda v: {"CONTENT_LOG_REDACT": json.dumps(list(v))},
     "content_log_buffer_bytes": lambda v: {"CONTENT_LOG_BUFFER_BYTES": str(v)},
     "ledger_retention_days": lambda v: {"LEDGER_RETENTION_DAYS": _seconds(v)},
+    "prices": lambda v: {"PRICES": dump_prices(v)} if v else {},
 }
 _UNWRITTEN = {f.name for f in fields(Settings)} - set(SETTING_WRITERS)
 assert not _UNWRITTEN, f"tests/harness.py cannot write these Settings fields as app settings: {_UNWRITTEN}"
@@ -219,7 +221,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 #: settings of the developer's shell that must not leak into a test's worker
 _HOST_ONLY = ("AzureWebJobs", "ServiceBusConnection", "UsageStorage", "USAGE_", "AOAI_", "KEY_", "QUOTA_",
-              "CONTENT_LOG")
+              "CONTENT_LOG", "PRICES")
 
 
 @contextmanager

@@ -12,6 +12,7 @@ from devkit.services import free_port
 from tests.harness import LoopThread
 
 _ENDPOINT = re.compile(r"TableEndpoint=http://127\.0\.0\.1:(\d+)/")
+_REQUEST_LINE = re.compile(rb"(?:^|\r\n)(?:GET|PUT|POST|MERGE|PATCH|DELETE) (/\S*) HTTP/1\.1\r\n")
 
 
 class StorageProxy:
@@ -29,6 +30,8 @@ class StorageProxy:
         self._flowing: asyncio.Event | None = None
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.StreamWriter] = set()
+        #: the path (and query) of every request relayed to storage, in order: Table operations to count
+        self.requests: list[str] = []
 
     def start(self) -> None:
         self._loop.run(self._listen())
@@ -79,7 +82,7 @@ class StorageProxy:
             with contextlib.suppress(OSError):  # Azurite gone: the client sees its connection closed
                 up_reader, upstream = await asyncio.open_connection("127.0.0.1", self._target)
                 self._connections.add(upstream)
-                pipes = [asyncio.create_task(self._pipe(reader, upstream)),
+                pipes = [asyncio.create_task(self._pipe(reader, upstream, count=True)),
                          asyncio.create_task(self._pipe(up_reader, writer))]
                 _, pending = await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
                 for task in pending:
@@ -90,11 +93,13 @@ class StorageProxy:
                     self._connections.discard(end)
                     end.close()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, count: bool = False) -> None:
         assert self._flowing is not None
         with contextlib.suppress(OSError):
             while data := await reader.read(65536):
                 await self._flowing.wait()
+                if count:
+                    self.requests.extend(m.group(1).decode() for m in _REQUEST_LINE.finditer(data))
                 writer.write(data)
                 await writer.drain()
 

@@ -1,11 +1,11 @@
-"""The key cache and the quota guard on their own: fresh, stale and unknown answers, through a fake clock."""
+"""The key cache on its own: fresh, stale and unknown answers, through a fake clock (the quota guard's own
+unit tests are in test_budget_units.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
-from collections.abc import Mapping
 from datetime import UTC, datetime
 
 import pytest
@@ -13,10 +13,8 @@ from azure.core.exceptions import AzureError, ServiceRequestError
 
 from gateway import KeyStoreUnavailable, Unauthorized
 from gateway._auth import REFRESH_RETRY_SECONDS, KeyCache
-from gateway._exceptions import QuotaExceeded
-from gateway._quota import QuotaGuard
 from tests.harness import FakeClock
-from usage import KeyRecord, Limits, hash_key
+from usage import KeyRecord, hash_key
 
 SECRET = b"unit"
 KEY = "gw-unit-test-key"
@@ -167,91 +165,6 @@ async def test_unknown_key_answer_is_kept_for_key_cache_seconds_only() -> None:
     clock.advance(1)
     assert (await authenticate(cache)).enabled
     assert store.calls == 2
-
-
-class FakeUsage:
-    """A key's usage in the table; while ``held``, reads wait; with ``error`` set they raise it."""
-
-    def __init__(self) -> None:
-        self.used = 0
-        self.calls = 0
-        self.released = asyncio.Event()
-        self.released.set()
-        self.error: BaseException | None = None
-
-    async def read(self, key: str, now: datetime, windows: Mapping[str, str]) -> dict[str, int]:
-        self.calls += 1
-        await self.released.wait()
-        if self.error is not None:
-            raise self.error
-        return {"minute": 0, "day": self.used, "month": self.used}
-
-
-QUOTA_CACHE = 5.0
-NOON = datetime(2026, 11, 30, 12, 0, 30, tzinfo=UTC).timestamp()  # no window ends during a test
-TEAM = KeyRecord("team-quota", True, datetime(2026, 1, 1, tzinfo=UTC), Limits(tokens_per_day=300))
-
-
-def quota_guard(usage: FakeUsage, clock: FakeClock, *, read_timeout: float = NO_WAIT) -> QuotaGuard:
-    return QuotaGuard(usage, cache_seconds=QUOTA_CACHE, settle_seconds=30.0, read_timeout=read_timeout,
-                      refresh_timeout=NO_WAIT, clock=clock, wall_clock=lambda: NOON)
-
-
-async def admit(guard: QuotaGuard, tokens: int) -> float:
-    """Seconds the admission of ``tokens`` took (it must not hang)."""
-    started = time.monotonic()
-    async with asyncio.timeout(NO_WAIT):
-        await guard.admit(TEAM, estimate=tokens)
-    return time.monotonic() - started
-
-
-async def test_usage_is_read_ahead_in_the_background() -> None:
-    """Before the figure expires a request starts a background read and does not wait for it."""
-    usage, clock = FakeUsage(), FakeClock()
-    guard = quota_guard(usage, clock)
-    await admit(guard, 100)
-    usage.used = 150  # other instances' usage, aggregated meanwhile
-    usage.released.clear()
-    clock.advance(QUOTA_CACHE * 0.9)
-    await admit(guard, 10)  # the old figure (0) is used while the read waits
-    await settle()
-    assert usage.calls == 2
-    usage.released.set()
-    await settle()
-    with pytest.raises(QuotaExceeded):  # 150 in the table + 110 of this instance + 50 > 300
-        await admit(guard, 50)
-
-
-async def test_expired_usage_is_waited_for_briefly_then_fails_open() -> None:
-    """With the table hung, a request waits at most QUOTA_READ_TIMEOUT_SECONDS once, later ones not at
-    all; this instance's own admissions still count."""
-    usage, clock = FakeUsage(), FakeClock()
-    guard = quota_guard(usage, clock, read_timeout=0.1)
-    await admit(guard, 100)
-    usage.released.clear()
-    clock.advance(QUOTA_CACHE + 1)
-    assert await admit(guard, 100) < 1.0
-    clock.advance(QUOTA_CACHE + 1)
-    assert await admit(guard, 100) < 0.05  # 300 of 300: no wait, no refusal yet
-    with pytest.raises(QuotaExceeded):
-        await admit(guard, 1)
-    usage.released.set()
-    await settle()
-    assert await admit(guard, 0) < 0.05  # the table is back: its figure (0) is used again
-    assert usage.calls == 2  # the read the first request gave up on went on, in the background
-
-
-async def test_failed_read_keeps_the_last_figures_of_current_windows() -> None:
-    """When the table fails, the usage last read for the current day still counts."""
-    usage, clock = FakeUsage(), FakeClock()
-    guard = quota_guard(usage, clock)
-    usage.used = 250
-    await admit(guard, 10)
-    usage.error = ServiceRequestError("connection refused")
-    clock.advance(QUOTA_CACHE + 1)
-    await admit(guard, 10)
-    with pytest.raises(QuotaExceeded):  # 250 read before + 20 admitted here + 40 > 300
-        await admit(guard, 40)
 
 
 async def test_random_keys_cannot_evict_a_known_key(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -37,8 +37,10 @@ def test_settings_defaults_and_backends() -> None:
 def test_sample_settings_and_readme_state_the_defaults() -> None:
     """local.settings.sample.json and the README's settings table give the defaults load_settings uses."""
     values = json.loads((PROJECT / "local.settings.sample.json").read_text())["Values"]
-    # where things are (backends, storage, the local content log) is the sample's to say; the rest are defaults
-    defaults = load_settings({name: values[name] for name in ("AOAI_BACKENDS", "UsageStorage", "CONTENT_LOG")})
+    # where things are (backends, storage, the local content log) and the demo's prices are the sample's to say;
+    # the rest are defaults
+    defaults = load_settings({name: values[name]
+                              for name in ("AOAI_BACKENDS", "UsageStorage", "CONTENT_LOG", "PRICES")})
     assert replace(load_settings(values), key_hash_secret=b"") == defaults
     readme = re.findall(r"^\| `([A-Z_]+)` \| ([0-9.]+) ", (PROJECT / "README.md").read_text(), re.MULTILINE)
     assert len(readme) > 10

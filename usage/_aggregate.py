@@ -7,6 +7,10 @@ and inserts a ledger row listing the new events' ids. Atomicity makes the ids an
 together; the ETags make two aggregators that race over the same events conflict, and the loser
 starts again from the read, where it finds the winner's ledger. So a redelivered or re-raced
 event changes nothing.
+
+Cost is counted the same way: each event is priced here, never on the request path (``PRICES``: the
+entry in force at its time, with its backend's override), and its nano-units (or, with no price in
+force, one unpriced request) are counters of the same rows, in the same transaction.
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ from azure.data.tables.aio import TableClient, TableServiceClient
 
 from usage._events import MalformedEvent, UsageEvent, decode_event
 from usage._metrics import usage_meter
+from usage._prices import Prices
 from usage._rejects import reject_entity
 from usage._schema import (
+    COST_COUNTERS,
     COUNTERS,
     PERIODS,
     REJECTS_TABLE,
@@ -54,6 +60,7 @@ IDS_PER_LEDGER_ROW = 900  # 33 characters each: well under a string property's 6
 _ROWS_PER_QUERY = 14  # a filter may hold 15 comparisons: PartitionKey and 14 rows
 INT64_MAX = 2**63 - 1
 _CONFLICTS = {"UpdateConditionNotSatisfied", "EntityAlreadyExists", "ConditionNotMet"}
+_ALL_COUNTERS = COUNTERS + COST_COUNTERS
 _LAG_BUCKETS = [0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 86400]
 
 
@@ -100,25 +107,63 @@ class _Outcome:
                         self.transactions + other.transactions, self.too_large + other.too_large)
 
 
-def _increments(event: UsageEvent) -> tuple[int, ...]:
+@dataclass(frozen=True, slots=True)
+class _Counted:
+    """An event to count, with what it adds to each counter and the currency its rows are in."""
+
+    event: UsageEvent
+    increments: tuple[int, ...]
+    #: the price's currency; for an unpriced event, its deployment's in PRICES (``None``: it has none)
+    currency: str | None
+
+    @property
+    def unpriced(self) -> bool:
+        return self.increments[-1] == 1
+
+
+def _increments(event: UsageEvent, cost: int | None) -> tuple[int, ...]:
+    """What ``event`` adds to ``_ALL_COUNTERS``: tokens, then its cost (or one unpriced request)."""
     return (1, event.prompt_tokens, event.completion_tokens, event.total_tokens, event.cached_tokens,
-            event.reasoning_tokens, event.total_tokens if event.estimated else 0)
+            event.reasoning_tokens, event.total_tokens if event.estimated else 0,
+            0 if cost is None else cost, 1 if cost is None else 0)
 
 
-def _fitting(events: list[UsageEvent], existing: dict[str, TableEntity]) -> tuple[list[UsageEvent], list[UsageEvent]]:
-    """The events whose counts keep every counter they touch within Int64, and the others."""
-    totals = {row: [as_int(entity.get(name)) for name in COUNTERS] for row, entity in existing.items()}
-    fitting: list[UsageEvent] = []
+def _fitting(
+    events: list[UsageEvent], existing: dict[str, TableEntity], prices: Prices
+) -> tuple[list[_Counted], list[UsageEvent]]:
+    """The events priced and counted, keeping every counter they touch within Int64, and the others.
+
+    An event is unpriced when no price is in force for it, or when a row it touches already holds a
+    cost in another currency (``PRICES`` changed a deployment's currency within the row's period).
+    A row's ``Currency`` is its deployment's, also while only unpriced usage is in it.
+    """
+    totals = {row: [as_int(entity.get(name)) for name in _ALL_COUNTERS] for row, entity in existing.items()}
+    currencies = {row: str(entity.get("Currency") or "") for row, entity in existing.items()}
+    fitting: list[_Counted] = []
     too_large: list[UsageEvent] = []
     for event in events:
-        increments = _increments(event)
-        after = {row: [a + b for a, b in zip(totals.get(row, [0] * len(COUNTERS)), increments, strict=True)]
-                 for row in (counter_row(p, event.time, event.deployment) for p in PERIODS)}
+        rows = [counter_row(p, event.time, event.deployment) for p in PERIODS]
+        held = {currencies[row] for row in rows if currencies.get(row)}
+        price = prices.lookup(event.deployment, event.backend or None, event.time)
+        if price is not None and held - {price.currency}:
+            log.warning("usage event %s of %s is counted unpriced: its rows already hold a cost in %s, "
+                        "PRICES now says %s", event.event_id, event.deployment, sorted(held), price.currency)
+            price = None
+        cost = None if price is None else price.cost_nano(event.prompt_tokens, event.cached_tokens,
+                                                          event.completion_tokens)
+        currency = price.currency if price is not None else prices.currency(event.deployment)
+        if currency is not None and held - {currency}:
+            currency = None  # rows already in another currency keep it
+        increments = _increments(event, cost)
+        after = {row: [a + b for a, b in zip(totals.get(row, [0] * len(_ALL_COUNTERS)), increments, strict=True)]
+                 for row in rows}
         if max(max(amounts) for amounts in after.values()) > INT64_MAX:
             too_large.append(event)
         else:
             totals.update(after)
-            fitting.append(event)
+            if currency is not None:
+                currencies.update(dict.fromkeys(rows, currency))
+            fitting.append(_Counted(event, increments, currency))
     return fitting, too_large
 
 
@@ -146,12 +191,15 @@ class Aggregator:
         self,
         service: TableServiceClient,
         *,
+        prices: Prices | None = None,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         random: Callable[[], float] = _random.random,
         max_attempts: int = 100,
         concurrency: int = 16,
     ) -> None:
         self._service = service
+        #: ``PRICES``: what each event costs; none: every event is counted as unpriced
+        self._prices = Prices() if prices is None else prices
         self._usage: TableClient = service.get_table_client(USAGE_TABLE)
         self._rejects: TableClient = service.get_table_client(REJECTS_TABLE)
         self._sleep = sleep
@@ -166,6 +214,8 @@ class Aggregator:
                                              description="Usage events the aggregator counted")
         self._rejected = meter.create_counter("aoai_gateway.usage.rejected", unit="{event}",
                                               description="Usage messages the aggregator rejected")
+        self._unpriced = meter.create_counter("aoai_gateway.usage.unpriced", unit="{event}",
+                                              description="Usage events counted with no price in force")
         self._lag = meter.create_histogram("aoai_gateway.usage.lag", unit="s",
                                            description="From an event's time to its being counted",
                                            explicit_bucket_boundaries_advisory=_LAG_BUCKETS)
@@ -263,14 +313,15 @@ class Aggregator:
 
     async def _apply(self, pk: str, events: list[UsageEvent]) -> _Outcome:
         seen, existing = await self._state(pk, events)
-        fresh, too_large = _fitting([e for e in events if e.event_id not in seen], existing)
+        fresh, too_large = _fitting([e for e in events if e.event_id not in seen], existing, self._prices)
         skipped = _Outcome(duplicates=sum(e.event_id in seen for e in events), too_large=tuple(too_large))
         if not fresh:
             return skipped
         operations = self._operations(pk, fresh, existing)
         if len(operations) > MAX_OPERATIONS:  # too much for one transaction: halve and go again
             half = len(fresh) // 2
-            return skipped + await self._apply(pk, fresh[:half]) + await self._apply(pk, fresh[half:])
+            return (skipped + await self._apply(pk, [c.event for c in fresh[:half]])
+                    + await self._apply(pk, [c.event for c in fresh[half:]]))
         self.table_requests += 1
         try:
             await self._usage.submit_transaction(operations)
@@ -279,31 +330,36 @@ class Aggregator:
                 raise _Conflict from exc
             raise
         now = datetime.now(UTC)
-        for event in fresh:
-            self._lag.record(max(0.0, (now - event.time).total_seconds()))
+        for counted in fresh:
+            self._lag.record(max(0.0, (now - counted.event.time).total_seconds()))
+        self._unpriced.add(sum(c.unpriced for c in fresh))
         return skipped + _Outcome(counted=len(fresh), transactions=1)
 
     def _operations(
-        self, pk: str, fresh: list[UsageEvent], existing: dict[str, TableEntity]
+        self, pk: str, fresh: list[_Counted], existing: dict[str, TableEntity]
     ) -> list[Any]:
         totals: dict[str, list[int]] = {}
         described: dict[str, tuple[str, str, str]] = {}
-        for event in fresh:
-            increments = _increments(event)
+        currencies = {row: str(entity.get("Currency") or "") for row, entity in existing.items()}
+        for counted in fresh:
+            event = counted.event
             for period in PERIODS:
                 row = counter_row(period, event.time, event.deployment)
-                current = totals.setdefault(row, [0] * len(COUNTERS))
-                for i, amount in enumerate(increments):
+                current = totals.setdefault(row, [0] * len(_ALL_COUNTERS))
+                for i, amount in enumerate(counted.increments):
                     current[i] += amount
                 described[row] = (period, period_start(period, event.time), event.deployment)
+                if counted.currency is not None and not currencies.get(row):
+                    currencies[row] = counted.currency
         key_name = pk.split("|", 1)[1]
         operations: list[Any] = []
         for row, amounts in totals.items():
             period, start, deployment = described[row]
             entity: dict[str, Any] = {"PartitionKey": pk, "RowKey": row, "Key": key_name,
-                                      "Deployment": deployment, "Period": period, "Start": start}
+                                      "Deployment": deployment, "Period": period, "Start": start,
+                                      "Currency": currencies.get(row, "")}
             before = existing.get(row)
-            for name, amount in zip(COUNTERS, amounts, strict=True):
+            for name, amount in zip(_ALL_COUNTERS, amounts, strict=True):
                 entity[name] = int64(amount + (as_int(before.get(name)) if before is not None else 0))
             if before is None:
                 operations.append((TransactionOperation.CREATE, entity))
@@ -312,8 +368,8 @@ class Aggregator:
                     "mode": UpdateMode.REPLACE, "etag": before.metadata["etag"],
                     "match_condition": MatchConditions.IfNotModified}))
         by_minute: dict[str, list[str]] = defaultdict(list)
-        for event in fresh:
-            by_minute[ledger_prefix(event.time)].append(event.event_id)
+        for counted in fresh:
+            by_minute[ledger_prefix(counted.event.time)].append(counted.event.event_id)
         for prefix, ids in by_minute.items():
             for first in range(0, len(ids), IDS_PER_LEDGER_ROW):
                 chunk = ids[first:first + IDS_PER_LEDGER_ROW]

@@ -1,4 +1,5 @@
-"""``python -m usage``: manage subscription keys and their quotas, report usage, read content records."""
+"""``python -m usage``: manage subscription keys and their quotas, report usage and cost, monthly statements,
+read content records."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any, TextIO
 
 from azure.core.exceptions import AzureError
@@ -19,12 +21,16 @@ from usage import _replay
 from usage._config import CONTENT_LOG_SETTING, SettingsError, load_blob_config, load_storage_config, read_environment
 from usage._content import open_blob_service, read_records, render_records
 from usage._keys import KeyRecord, KeyStore, KeyStoreError, Limits
+from usage._prices import format_cost, load_prices
 from usage._report import GROUPS, group, read_days, render
+from usage._statement import is_month, render_statement, statement_rows
 from usage._tables import open_table_service
 
 log = logging.getLogger(__name__)
 _LIMITS = (("tokens_per_minute", "--tokens-per-minute"), ("tokens_per_day", "--tokens-per-day"),
-           ("tokens_per_month", "--tokens-per-month"))
+           ("tokens_per_month", "--tokens-per-month"), ("requests_per_minute", "--requests-per-minute"),
+           ("budget_nano_per_month", "--budget-per-month"))
+_NANO = 10**9
 
 
 def _limit(value: str) -> int | None:
@@ -39,11 +45,38 @@ def _limit(value: str) -> int | None:
     return number
 
 
+def _money(value: str) -> int | None:
+    """An amount of currency (``12.50``, at most 9 decimals) as nano-units; ``none`` for no budget."""
+    if value.lower() == "none":
+        return None
+    try:
+        amount = Decimal(value)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an amount like 250 or 12.50 (or 'none')") from None
+    if not amount.is_finite() or amount < 0:
+        raise argparse.ArgumentTypeError("a budget is an amount of at least 0")
+    nano = amount * _NANO
+    if nano != nano.to_integral_value():
+        raise argparse.ArgumentTypeError(f"{value!r} has more than 9 decimal places")
+    return int(nano)
+
+
+def _amount(nano: int) -> str:
+    """Nano-units as a decimal string in currency units (``12.50``)."""
+    return format_cost(nano)
+
+
 def _day(value: str) -> date:
     try:
         return date.fromisoformat(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a date like 2026-11-29") from None
+
+
+def _month(value: str) -> str:
+    if not is_month(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a month like 2026-11")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,12 +88,16 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True, help="the team or app the key is for")
     create.add_argument("--log-content", action="store_true",
                         help="record this key's prompts and completions (where CONTENT_LOG is set)")
-    set_quota = actions.add_parser("set-quota", help="change a key's token quotas ('none' removes one)")
+    set_quota = actions.add_parser("set-quota", help="change a key's quotas and budget ('none' removes one)")
     set_quota.add_argument("name")
     for command in (create, set_quota):
         for dest, flag in _LIMITS:
-            command.add_argument(flag, dest=dest, type=_limit, default=argparse.SUPPRESS, metavar="N",
-                                 help=f"{flag[2:].replace('-', ' ')} (UTC windows)")
+            if dest == "budget_nano_per_month":
+                command.add_argument(flag, dest=dest, type=_money, default=argparse.SUPPRESS, metavar="AMOUNT",
+                                     help="money per UTC month, in the currency of PRICES (e.g. 250 or 12.50)")
+            else:
+                command.add_argument(flag, dest=dest, type=_limit, default=argparse.SUPPRESS, metavar="N",
+                                     help=f"{flag[2:].replace('-', ' ')} (UTC windows)")
         command.add_argument("--json", action="store_true", help="print one JSON object")
     listing = actions.add_parser("list", help="list keys: names, state, quotas (never the keys)")
     listing.add_argument("--json", action="store_true", help="print a JSON list")
@@ -81,6 +118,12 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--by", choices=GROUPS, default="key")
     report.add_argument("--format", choices=("table", "csv", "json", "chart"), default="table",
                         help="chart: bars of total tokens, e.g. with --by day for usage over time")
+    statement = commands.add_parser("statement", help="a month's tokens and cost per key and deployment "
+                                    "(for chargeback), as table/csv/json")
+    statement.add_argument("--month", type=_month, default=f"{today:%Y-%m}", metavar="YYYY-MM",
+                           help="the month (UTC, default: this month)")
+    statement.add_argument("--key", help="only this key (team)")
+    statement.add_argument("--format", choices=("table", "csv", "json"), default="table")
     content = commands.add_parser("content", help="a key's recorded prompts and completions (CONTENT_LOG)")
     content.add_argument("--key", required=True, help="the key (team) whose records to read")
     content.add_argument("--since", type=_day, default=today, metavar="YYYY-MM-DD",
@@ -93,15 +136,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _limits_json(limits: Limits) -> dict[str, Any]:
+    budget = limits.budget_nano_per_month
+    return {"tokens_per_minute": limits.tokens_per_minute, "tokens_per_day": limits.tokens_per_day,
+            "tokens_per_month": limits.tokens_per_month, "requests_per_minute": limits.requests_per_minute,
+            "budget_per_month": None if budget is None else _amount(budget)}
+
+
 def _describe(record: KeyRecord) -> dict[str, Any]:
     return {"name": record.name, "enabled": record.enabled, "created_at": record.created_at.isoformat(),
-            "tokens_per_minute": record.limits.tokens_per_minute, "tokens_per_day": record.limits.tokens_per_day,
-            "tokens_per_month": record.limits.tokens_per_month, "log_content": record.log_content}
+            **_limits_json(record.limits), "log_content": record.log_content}
 
 
 def _quota_text(limits: Limits) -> str:
     parts = [f"{value}/{unit}" for value, unit in ((limits.tokens_per_minute, "min"), (limits.tokens_per_day, "day"),
                                                    (limits.tokens_per_month, "month")) if value is not None]
+    if limits.requests_per_minute is not None:
+        parts.append(f"{limits.requests_per_minute} requests/min")
+    if limits.budget_nano_per_month is not None:
+        parts.append(f"budget {_amount(limits.budget_nano_per_month)}/month")
     return ", ".join(parts) or "unlimited"
 
 
@@ -110,7 +163,7 @@ async def _keys(store: KeyStore, args: argparse.Namespace, out: TextIO) -> None:
         limits = Limits(**{dest: getattr(args, dest) for dest, _ in _LIMITS if hasattr(args, dest)})
         key = await store.create(args.name, limits=limits, log_content=args.log_content)
         if args.json:
-            print(json.dumps({"name": args.name, "key": key, **{d: getattr(limits, d) for d, _ in _LIMITS},
+            print(json.dumps({"name": args.name, "key": key, **_limits_json(limits),
                               "log_content": args.log_content}), file=out)
         else:
             logged = ", content logged" if args.log_content else ""
@@ -154,6 +207,11 @@ async def _report(service: TableServiceClient, args: argparse.Namespace, out: Te
     print(render(group(days, args.by), args.by, args.format), file=out)
 
 
+async def _statement(service: TableServiceClient, args: argparse.Namespace, out: TextIO) -> None:
+    rows = await statement_rows(service, month=args.month, key=args.key)
+    print(render_statement(rows, args.format, args.month), file=out)
+
+
 async def _content(env: dict[str, str], args: argparse.Namespace, out: TextIO) -> int:
     config = load_blob_config(env)
     if config is None:
@@ -182,9 +240,11 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
     try:
         async with open_table_service(config, credential=credential) as service:
             if args.command == "rejects":
-                return await _replay.run(service, args, out)
+                return await _replay.run(service, args, out, prices=load_prices(env))
             if args.command == "report":
                 await _report(service, args, out)
+            elif args.command == "statement":
+                await _statement(service, args, out)
             else:
                 await _keys(KeyStore(service, secret=env.get("KEY_HASH_SECRET", "").encode()), args, out)
     finally:

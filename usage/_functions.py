@@ -15,6 +15,7 @@ from azure.identity.aio import DefaultAzureCredential
 from usage._aggregate import Aggregator, BatchResult
 from usage._config import load_ledger_retention, load_storage_config
 from usage._housekeeping import CleanupResult, delete_old_ledgers
+from usage._prices import load_prices
 from usage._tables import open_table_service
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,8 @@ class QueueMessage(Protocol):
 
 
 class AggregatorRuntime:
-    """One table client and aggregator per process, made in the running loop on first use."""
+    """One table client and aggregator per process, made in the running loop on first use, from the app
+    settings: ``UsageStorage`` and ``PRICES`` (read once; a changed setting restarts the Functions app)."""
 
     def __init__(self) -> None:
         self._aggregator: Aggregator | None = None
@@ -45,10 +47,12 @@ class AggregatorRuntime:
             self._lock = asyncio.Lock()
         async with self._lock:
             if self._aggregator is None:
-                config = load_storage_config(os.environ if env is None else env)
+                settings = os.environ if env is None else env
+                config = load_storage_config(settings)
+                prices = load_prices(settings)  # before any client: a bad PRICES fails here, naming itself
                 self._credential = DefaultAzureCredential() if config.uses_identity else None
                 self._service = open_table_service(config, credential=self._credential)
-                self._aggregator = Aggregator(self._service)
+                self._aggregator = Aggregator(self._service, prices=prices)
             return self._aggregator
 
     async def service(self, env: Mapping[str, str] | None = None) -> TableServiceClient:

@@ -5,7 +5,9 @@ Table ``gatewaykeys``, one partition ``keys`` so a key's two rows change in one 
 - ``RowKey = "hash-<hmac hex>"``: ``Name``, ``Enabled``, ``CreatedAt`` (the lookup a request makes);
 - ``RowKey = "name-<name>"``: ``Hash``, ``Enabled``, ``CreatedAt`` (list, revoke, unique names);
 
-both with the quota columns and ``LogContent`` (the key's opt-in to content logging; absent = off).
+both with the quota columns (``TokensPerMinute``, ``TokensPerDay``, ``TokensPerMonth``,
+``RequestsPerMinute``, ``BudgetNanoPerMonth``: Int64, absent = no limit) and ``LogContent`` (the key's
+opt-in to content logging; absent = off).
 """
 
 from __future__ import annotations
@@ -45,29 +47,34 @@ class KeyStoreError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Token quotas of a key; ``None`` is no limit."""
+    """A key's quotas; ``None`` is no limit. ``budget_nano_per_month`` is money, in nano-units (10^-9) of the
+    prices' currency."""
 
     tokens_per_minute: int | None = None
     tokens_per_day: int | None = None
     tokens_per_month: int | None = None
+    requests_per_minute: int | None = None
+    budget_nano_per_month: int | None = None
+
+    def _values(self) -> tuple[int | None, ...]:
+        return (self.tokens_per_minute, self.tokens_per_day, self.tokens_per_month, self.requests_per_minute,
+                self.budget_nano_per_month)
 
     @property
     def any(self) -> bool:
-        return any(v is not None for v in (self.tokens_per_minute, self.tokens_per_day, self.tokens_per_month))
+        return any(v is not None for v in self._values())
 
     def properties(self) -> dict[str, Any]:
         """The limit columns and their values; ``None`` for a limit that is not set (no column)."""
-        return {column: value for column, value in zip(_LIMIT_COLUMNS, (
-            self.tokens_per_minute, self.tokens_per_day, self.tokens_per_month), strict=True)}
+        return dict(zip(_LIMIT_COLUMNS, self._values(), strict=True))
 
     @classmethod
     def from_entity(cls, entity: Mapping[str, Any]) -> Limits:
         values = [entity.get(column) for column in _LIMIT_COLUMNS]
-        minute, day, month = (None if v is None else as_int(v) for v in values)
-        return cls(minute, day, month)
+        return cls(*(None if v is None else as_int(v) for v in values))
 
 
-_LIMIT_COLUMNS = ("TokensPerMinute", "TokensPerDay", "TokensPerMonth")
+_LIMIT_COLUMNS = ("TokensPerMinute", "TokensPerDay", "TokensPerMonth", "RequestsPerMinute", "BudgetNanoPerMonth")
 LOG_CONTENT = "LogContent"
 
 

@@ -26,6 +26,7 @@ from azure.data.tables import TableEntity
 from azure.data.tables.aio import TableServiceClient
 
 from usage._aggregate import Aggregator
+from usage._prices import Prices
 from usage._schema import REJECTS_TABLE
 from usage._tables import as_int
 
@@ -96,10 +97,11 @@ class ReplayResult:
     not_replayable: list[Reject]
 
 
-async def replay_rejects(service: TableServiceClient, chosen: list[Reject]) -> ReplayResult:
-    """Count ``chosen`` through the aggregator; remove the rows of those it no longer rejects."""
+async def replay_rejects(service: TableServiceClient, chosen: list[Reject], *,
+                         prices: Prices | None = None) -> ReplayResult:
+    """Count ``chosen`` through the aggregator (priced by ``prices``); remove the rows of those it no longer rejects."""
     replayable = [r for r in chosen if r.replayable]
-    aggregator = Aggregator(service)
+    aggregator = Aggregator(service, prices=prices)
     if replayable:
         await aggregator.aggregate([r.body.encode("utf-8", "surrogatepass") for r in replayable],
                                    message_ids=[r.message_id or None for r in replayable])
@@ -133,7 +135,8 @@ def _describe(reject: Reject) -> dict[str, Any]:
             "body_bytes": reject.body_bytes, "replayable": reject.replayable, "body": reject.body}
 
 
-async def run(service: TableServiceClient, args: argparse.Namespace, out: TextIO) -> int:
+async def run(service: TableServiceClient, args: argparse.Namespace, out: TextIO, *,
+              prices: Prices | None = None) -> int:
     rejects = await read_rejects(service)
     if args.action == "list":
         if args.json:
@@ -148,7 +151,7 @@ async def run(service: TableServiceClient, args: argparse.Namespace, out: TextIO
         return 0
     if not args.all and not args.ids:
         raise RejectsError("name the rejects to replay (ids from `rejects list`), or give --all")
-    result = await replay_rejects(service, _choose(rejects, args.ids, args.all))
+    result = await replay_rejects(service, _choose(rejects, args.ids, args.all), prices=prices)
     print(f"replayed {result.replayed}: counted, or found already counted; their rejects are removed", file=out)
     for reject in result.still_rejected:
         print(f"still rejected {reject.row_key[:12]}: see `rejects list` for the reason", file=out)

@@ -5,7 +5,10 @@ PartitionKey ``<YYYY-MM>|<key name>``: one key's month. RowKeys in it:
 - ``month|<YYYY-MM>|<deployment>``, ``day|<YYYY-MM-DD>|<deployment>``,
   ``hour|<YYYY-MM-DDTHH>|<deployment>``, ``minute|<YYYY-MM-DDTHH:MM>|<deployment>``: counters
   (``Requests``, ``PromptTokens``, ``CompletionTokens``, ``TotalTokens``, ``CachedTokens``,
-  ``ReasoningTokens``, ``EstimatedTokens``) and, for people, ``Key``, ``Deployment``, ``Period``, ``Start``;
+  ``ReasoningTokens``, ``EstimatedTokens``), cost (``CostNano``: nano-units, 10⁻⁹ of ``Currency``, of the
+  requests priced by ``PRICES``; ``UnpricedRequests``: requests no price was in force for, left out of
+  ``CostNano``; ``Currency``: empty until a priced request is counted) and, for people, ``Key``,
+  ``Deployment``, ``Period``, ``Start``;
 - ``ledger|<YYYY-MM-DDTHH:MM>|<uuid>``: ``Ids``, the comma-separated event ids counted by one
   transaction, for events of that minute. Written in the same transaction as the counters.
 """
@@ -19,6 +22,7 @@ REJECTS_TABLE = "usagerejects"
 PERIODS = ("month", "day", "hour", "minute")
 COUNTERS = ("Requests", "PromptTokens", "CompletionTokens", "TotalTokens", "CachedTokens", "ReasoningTokens",
             "EstimatedTokens")
+COST_COUNTERS = ("CostNano", "UnpricedRequests")
 
 
 def partition_key(key_name: str, when: datetime) -> str:

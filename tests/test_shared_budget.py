@@ -1,0 +1,280 @@
+"""Quotas shared by several gateway processes on one Table Storage: the bound, request-rate limits and their
+headers, failing closed, and the Table operations a busy key costs."""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import openai
+import pytest
+from azure.core.exceptions import ResourceNotFoundError
+from azure.data.tables import TableServiceClient
+
+from gateway._budget import BUDGET_ROW, BUDGET_TABLE, window_end
+from tests.harness import Gateway, eventually, http, running_gateway
+from tests.storage_proxy import StorageProxy, storage_proxy
+from usage._keys import Limits
+from usage._prices import parse_prices
+from usage._tables import as_int
+
+MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
+BACKEND_TOKENS, BACKEND_REQUESTS = "99000", "999"  # what the simulated regions say of themselves
+
+
+@contextmanager
+def two_gateways(storage: str, **overrides: Any) -> Iterator[tuple[Gateway, Gateway]]:
+    with running_gateway(storage, **overrides) as first, running_gateway(storage, **overrides) as second:
+        yield first, second
+
+
+def client_for(gw: Gateway, key: str) -> openai.AzureOpenAI:
+    return openai.AzureOpenAI(azure_endpoint=gw.url, api_key=key, api_version="2024-10-21", max_retries=0,
+                              timeout=15.0)
+
+
+def own_headers(headers: Any) -> tuple[int, int]:
+    """The key's x-ratelimit-remaining-tokens and -requests: once each, never the backend's."""
+    tokens = headers.get_list("x-ratelimit-remaining-tokens")
+    requests = headers.get_list("x-ratelimit-remaining-requests")
+    assert len(tokens) == 1 and len(requests) == 1, (tokens, requests)
+    assert tokens != [BACKEND_TOKENS] and requests != [BACKEND_REQUESTS]
+    return int(tokens[0]), int(requests[0])
+
+
+def budget_row(storage: str, name: str) -> dict[str, Any]:
+    with TableServiceClient.from_connection_string(storage) as service:
+        return dict(service.get_table_client(BUDGET_TABLE).get_entity(name, BUDGET_ROW))
+
+
+def test_two_gateways_admit_one_quota_between_them(storage: str) -> None:
+    """Two gateway processes sharing a key of 1,500 tokens a day admit at most 1,500 reserved tokens between them,
+    and nearly all of it; every answer (stream, body, refusal) carries the key's own remaining figures."""
+    with two_gateways(storage) as (east, west):
+        name = f"team-{uuid.uuid4().hex[:8]}"
+        key = east.create_key(name, Limits(tokens_per_day=1500, requests_per_minute=10_000))
+        clients = [client_for(east, key), client_for(west, key)]
+        admitted, refusals = 0, 0
+        remaining: list[int] = []
+        for n in range(80):
+            client = clients[n % 2]
+            try:
+                if n % 4 < 2:
+                    raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES,
+                                                                           max_tokens=20)
+                    assert raw.parse().choices
+                    headers = raw.headers
+                else:
+                    streamed = client.chat.completions.with_raw_response.create(
+                        model="gpt-4o", messages=MESSAGES, max_tokens=20, stream=True)
+                    assert list(streamed.parse())
+                    headers = streamed.headers
+                admitted += 1
+                remaining.append(own_headers(headers)[0])
+            except openai.RateLimitError as exc:
+                refusals += 1
+                tokens, _ = own_headers(exc.response.headers)
+                assert tokens < 1500
+                assert 0 < int(exc.response.headers["retry-after"]) <= 86400
+                assert exc.response.json()["error"]["code"] == "429"
+        reservation = 8 + 20  # the prompt estimate of MESSAGES plus max_tokens
+        used = sum(r.total_tokens for gw in (east, west) for r in gw.sink.records if r.status == 200)
+        # the region bills a longer prompt than the estimate: what it used beyond the reservations is taken too
+        assert 1500 - 4 * reservation <= used <= 1500 * 1.05 + reservation, (used, admitted)
+        assert refusals == 80 - admitted > 0
+        assert remaining[-1] < 1500 // 2
+        row = budget_row(storage, name)
+        assert as_int(row["TokensDayGranted"]) <= 1500 * 1.05 + reservation
+
+
+def test_request_rate_limit_from_the_cli(storage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """keys create --requests-per-minute R: two gateways admit at most R requests a minute between them, then 429
+    with Retry-After and x-ratelimit-remaining-requests 0; set-quota none lifts it."""
+    from usage._cli import main
+
+    def cli(*argv: str) -> str:
+        out = io.StringIO()
+        assert main(list(argv), out=out) == 0
+        return out.getvalue()
+
+    monkeypatch.setenv("UsageStorage", storage)
+    monkeypatch.setenv("KEY_HASH_SECRET", "test-secret")  # the harness's
+    name = f"rate-{uuid.uuid4().hex[:8]}"
+    created = json.loads(cli("keys", "create", "--name", name, "--tokens-per-minute", "100000",
+                             "--requests-per-minute", "6", "--json"))
+    assert created["requests_per_minute"] == 6 and created["tokens_per_minute"] == 100000
+    listed = {row["name"]: row for row in json.loads(cli("keys", "list", "--json"))}
+    assert listed[name]["requests_per_minute"] == 6
+    assert "6 requests/min" in cli("keys", "list")
+    with two_gateways(storage) as (east, west):
+        clients = [client_for(east, created["key"]), client_for(west, created["key"])]
+        refused: list[openai.RateLimitError] = []
+        for n in range(16):
+            try:
+                clients[n % 2].chat.completions.create(model="gpt-4o", messages=MESSAGES)
+            except openai.RateLimitError as exc:
+                refused.append(exc)
+        per_minute = Counter(r.time[:16] for gw in (east, west) for r in gw.sink.records if r.status == 200)
+        assert per_minute and max(per_minute.values()) <= 6  # a minute may have begun during the test
+        assert len(refused) >= 16 - 2 * 6
+        headers = refused[-1].response.headers
+        assert headers["x-ratelimit-remaining-requests"] == "0" and 0 < int(headers["retry-after"]) <= 60
+        assert "requests per minute" in refused[-1].response.json()["error"]["message"]
+        cli("keys", "set-quota", name, "--requests-per-minute", "none")
+    assert {row["name"]: row for row in json.loads(cli("keys", "list", "--json"))}[name]["requests_per_minute"] \
+        is None
+
+
+@contextmanager
+def gateway_behind(storage: str, **overrides: Any) -> Iterator[tuple[Gateway, StorageProxy]]:
+    with storage_proxy(storage) as proxy, running_gateway(proxy.connection_string, **overrides) as gw:
+        try:
+            yield gw, proxy
+        finally:
+            proxy.restore()
+
+
+@pytest.mark.parametrize("fault", ["hang", "refuse"])
+def test_quota_fails_closed_when_asked(storage: str, fault: str) -> None:
+    """QUOTA_FAIL_CLOSED=true: with Table Storage unreachable, a request the instance's slice cannot cover gets 503
+    with Retry-After and an AOAI-shaped error (the slice already leased is still served)."""
+    with gateway_behind(storage, quota_fail_closed=True) as (gw, proxy):
+        client = client_for(gw, gw.create_key(f"team-{uuid.uuid4().hex[:8]}", Limits(tokens_per_day=100_000)))
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        getattr(proxy, fault)()
+        served = 0
+        with pytest.raises(openai.APIStatusError) as caught:
+            for _ in range(40):
+                client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+                served += 1
+        assert caught.value.status_code == 503, caught.value.response.text
+        assert caught.value.response.json()["error"]["code"] == "QuotaUnavailable"
+        assert int(caught.value.response.headers["retry-after"]) >= 1
+        assert served >= 1  # from the slice leased before
+
+
+def test_a_busy_key_costs_few_table_operations(storage: str) -> None:
+    """At 40 requests a second (the worker's clock), a key with quotas costs at most 0.2 Table operations per
+    admitted request: budget leases and usage reads, counted at the storage proxy."""
+    with gateway_behind(storage) as (gw, proxy):
+        client = client_for(gw, gw.create_key(f"team-{uuid.uuid4().hex[:8]}",
+                                              Limits(tokens_per_minute=10_000_000, tokens_per_day=100_000_000,
+                                                     requests_per_minute=100_000)))
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=20)
+        before = len(proxy.requests)
+        for _ in range(200):
+            gw.clock.advance(0.025)
+            client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=20)
+        quota_calls = [p for p in proxy.requests[before:]
+                       if BUDGET_TABLE in p or (p.startswith("/devstoreaccount1/usage()") and "select" in p)]
+        assert len(quota_calls) / 200 <= 0.2, quota_calls
+
+
+PRICES = parse_prices(json.dumps({"gpt-4o": {"currency": "USD", "input": 2.5, "cached_input": 1.25, "output": 10}}))
+
+
+def next_month_in_seconds() -> float:
+    now = datetime.now(UTC)
+    return (window_end("month", now) - now).total_seconds()
+
+
+def test_monthly_budget_in_money(storage: str) -> None:
+    """keys set-quota --budget-per-month: two gateways admit requests priced at the deployment's output rate until the
+    month's budget is spent (overshoot at most one request's cost per instance), then 429 until next month with a
+    message saying so; warnings name the key and its budget at 80% and 100%."""
+    with two_gateways(storage, prices=PRICES) as (east, west):
+        name = f"team-{uuid.uuid4().hex[:8]}"
+        key = east.create_key(name, Limits(budget_nano_per_month=2_000_000))  # 0.002 USD
+        clients = [client_for(east, key), client_for(west, key)]
+        refused: list[openai.RateLimitError] = []
+        for n in range(40):
+            try:
+                clients[n % 2].chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=20)
+            except openai.RateLimitError as exc:
+                refused.append(exc)
+        price = PRICES.lookup("gpt-4o", None, datetime.now(UTC))
+        assert price is not None
+        records = [r for gw in (east, west) for r in gw.sink.wait(20) if r.status == 200]
+        spent = sum(price.cost_nano(r.prompt_tokens, r.cached_tokens, r.completion_tokens) for r in records)
+        one_request = (8 + 20) * price.output  # a reservation: the prompt estimate and max_tokens at the output rate
+        assert 2_000_000 - 2 * one_request <= spent <= 2_000_000 + 2 * one_request, (spent, len(records))
+        assert len(refused) == 40 - len(records) > 0
+        error = refused[-1].response
+        assert "monthly budget" in error.json()["error"]["message"] and "spent" in error.json()["error"]["message"]
+        assert abs(int(error.headers["retry-after"]) - next_month_in_seconds()) < 120
+        eventually(lambda: sum(name in line and "budget" in line and "100%" in line
+                               for gw in (east, west) for line in gw.logs.lines) >= 1)
+        assert any(name in line and "budget" in line and "80%" in line for gw in (east, west) for line in gw.logs.lines)
+
+
+def test_money_spent_before_the_budget_counts(storage: str) -> None:
+    """The month's cost counted in the usage table (CostNano) before a budget was set counts against it: with a budget
+    below what was already spent, another instance refuses the key's first request."""
+    with running_gateway(storage, prices=PRICES) as gw:
+        name = f"team-{uuid.uuid4().hex[:8]}"
+        key = gw.create_key(name)
+        client = client_for(gw, key)
+        for _ in range(4):
+            client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=20)
+
+        def month_cost() -> int:
+            with TableServiceClient.from_connection_string(storage) as service:
+                rows = service.get_table_client("usage").query_entities(
+                    "PartitionKey eq @pk", parameters={"pk": f"{datetime.now(UTC):%Y-%m}|{name}"})
+                try:
+                    return sum(as_int(r.get("CostNano")) for r in rows if str(r["RowKey"]).startswith("month|"))
+                except ResourceNotFoundError:  # not aggregated yet: no usage table
+                    return 0
+
+        eventually(lambda: month_cost() > 0)
+        spent = month_cost()
+
+        async def lower_budget() -> None:
+            from usage import KeyStore, open_table_service
+
+            async with open_table_service(gw.settings.storage) as service:
+                await KeyStore(service, secret=gw.settings.key_hash_secret).set_limits(
+                    name, Limits(budget_nano_per_month=spent - 1))
+
+        gw.loop.run(lower_budget())
+        with running_gateway(storage, prices=PRICES) as other:  # a new instance: the budget row has no cost yet
+            with pytest.raises(openai.RateLimitError) as caught:
+                client_for(other, key).chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=20)
+            assert "monthly budget" in caught.value.response.json()["error"]["message"]
+
+
+def test_every_answer_of_a_key_with_limits_carries_its_own_remaining(gateway: Gateway) -> None:
+    """Successes, refusals before admission (a bad body, a request too big for the quota) and the models list carry
+    the key's own x-ratelimit-remaining-*; a key without limits keeps the backend's and costs no budget row."""
+    name = f"team-{uuid.uuid4().hex[:8]}"
+    key = gateway.create_key(name, Limits(tokens_per_minute=1000, requests_per_minute=100))
+    client = client_for(gateway, key)
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES, max_tokens=20)
+    tokens, requests = own_headers(raw.headers)
+    assert tokens <= 1000 - 28 and requests == 99
+    chat = gateway.url + "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+    headers = {"api-key": key, "content-type": "application/json"}
+    bad = http("POST", chat, headers=headers, body=b"{not json")
+    too_big = http("POST", chat, headers=headers, body=json.dumps({"messages": MESSAGES, "max_tokens": 5000}).encode())
+    for refused in (bad, too_big):
+        assert refused.status == 400, refused.text
+        assert refused.headers["x-ratelimit-remaining-requests"] == "99"
+        assert 0 < int(refused.headers["x-ratelimit-remaining-tokens"]) <= tokens  # settled since: 35 used
+    assert too_big.json()["error"]["code"] == "QuotaTooSmall"
+    models = http("GET", gateway.url + "/openai/v1/models", headers={"api-key": key})
+    assert models.status == 200 and models.headers["x-ratelimit-remaining-requests"] == "99"
+    free = client_for(gateway, gateway.key).chat.completions.with_raw_response.create(model="gpt-4o",
+                                                                                      messages=MESSAGES)
+    assert free.headers.get_list("x-ratelimit-remaining-tokens") == [BACKEND_TOKENS]
+    free_name = next(r.key_name for r in gateway.sink.wait(4)
+                     if r.request_id == free.headers["x-gateway-request-id"])
+    with TableServiceClient.from_connection_string(gateway.settings.storage.connection_string or "") as service:
+        rows = list(service.get_table_client(BUDGET_TABLE).query_entities(
+            "PartitionKey eq @k", parameters={"k": free_name}))
+    assert rows == []
