@@ -38,6 +38,7 @@ MESSAGES: Any = [{"role": "user", "content": "Say hello"}]
 RATE = 40.0  # requests per second per gateway
 MAX_TOKENS = 20
 QUOTA = 3000  # tokens per minute: spent in about a second at this rate
+REQUESTS_QUOTA = 120  # requests per minute: as fast
 TOLERANCE = 1.05
 DRIVE_SECONDS = 12.0
 #: the drive starts this long before a UTC minute ends, so it covers a window's end and the next one's start
@@ -55,6 +56,7 @@ class Outcome:
     tokens: int  # total tokens of the response's usage (0 when refused)
     retry_after: str | None
     done: float  # time.monotonic() when the answer came
+    remaining: tuple[str | None, str | None] = (None, None)  # x-ratelimit-remaining-tokens, -requests
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +106,19 @@ async def _one(index: int, client: openai.AsyncAzureOpenAI) -> Outcome:
         raw = await client.chat.completions.with_raw_response.create(
             model="gpt-4o", messages=MESSAGES, max_tokens=MAX_TOKENS)
     except openai.RateLimitError as refused:
-        return Outcome(index, 429, 0, refused.response.headers.get("retry-after"), time.monotonic())
+        headers = refused.response.headers
+        return Outcome(index, 429, 0, headers.get("retry-after"), time.monotonic(), _remaining(headers))
     except openai.APIStatusError as failed:  # told apart in the assertions, with the others
         return Outcome(index, failed.status_code, 0, None, time.monotonic())
     except openai.APIConnectionError:
         return Outcome(index, 0, 0, None, time.monotonic())
     usage = raw.parse().usage
     assert usage is not None
-    return Outcome(index, raw.status_code, usage.total_tokens, None, time.monotonic())
+    return Outcome(index, raw.status_code, usage.total_tokens, None, time.monotonic(), _remaining(raw.headers))
+
+
+def _remaining(headers: Any) -> tuple[str | None, str | None]:
+    return headers.get("x-ratelimit-remaining-tokens"), headers.get("x-ratelimit-remaining-requests")
 
 
 async def _drive(gateways: list[Gateway], key: str, seconds: float) -> list[Outcome]:
@@ -145,14 +152,14 @@ def drive(gateways: list[Gateway], key: str, seconds: float = DRIVE_SECONDS) -> 
             logger.setLevel(level)
 
 
-def admitted_by_minute(gateways: list[Gateway], name: str) -> dict[str, int]:
-    """Tokens each UTC minute admitted for key ``name``, over all gateways, from their usage records
-    (the records the aggregator counts, by the minute the request arrived)."""
+def admitted_by_minute(gateways: list[Gateway], name: str, meter: str = "tokens") -> dict[str, int]:
+    """Tokens (or requests) each UTC minute admitted for key ``name``, over all gateways, from their usage
+    records (the records the aggregator counts, by the minute the request arrived)."""
     minutes: dict[str, int] = defaultdict(int)
     for gw in gateways:
         for record in gw.sink.records:
             if record.key_name == name and record.status == 200:
-                minutes[record.time[:16]] += record.total_tokens
+                minutes[record.time[:16]] += record.total_tokens if meter == "tokens" else 1
     return dict(minutes)
 
 
@@ -206,32 +213,39 @@ def statuses(outcomes: list[Outcome]) -> dict[int, int]:
     return dict(counted)
 
 
-@pytest.mark.parametrize("instances", [2, 4])
-def test_gateways_sharing_a_key_admit_at_most_its_minute_quota(gateways: list[Gateway], instances: int) -> None:
-    """At 40 requests/s per gateway with max_tokens set, the tokens admitted for the key in each UTC
-    minute stay within quota x 1.05 plus one request's worth, whichever gateways admitted them; each
-    gateway, once the quota is spent, refuses with 429 and Retry-After."""
+@pytest.mark.parametrize(("instances", "meter"), [(2, "tokens"), (4, "tokens"), (2, "requests")])
+def test_gateways_sharing_a_key_admit_at_most_its_minute_quota(
+        gateways: list[Gateway], instances: int, meter: str) -> None:
+    """At 40 requests/s per gateway with max_tokens set, the tokens (or requests) admitted for the key in
+    each UTC minute stay within its quota x 1.05 plus one request's worth, whichever gateways admitted
+    them; each gateway, once the quota is spent, refuses with 429 and Retry-After; every answer carries
+    the key's own remaining figure."""
     group = gateways[:instances]
-    name, key, warm_up = shared_key(group, Limits(tokens_per_minute=QUOTA))
+    limits = Limits(tokens_per_minute=QUOTA) if meter == "tokens" else Limits(requests_per_minute=REQUESTS_QUOTA)
+    name, key, warm_up = shared_key(group, limits)
     wait_for_window_end(BEFORE_MINUTE_END)
     outcomes = drive(group, key)
     assert set(statuses(outcomes)) == {200, 429}, statuses(outcomes)
 
-    largest = max(o.tokens for o in outcomes)
-    answered = warm_up + sum(o.tokens for o in outcomes)
+    admitted = [o for o in outcomes if o.status == 200]
+    answered = warm_up + sum(o.tokens for o in admitted)
     eventually(lambda: sum(admitted_by_minute(group, name).values()) == answered, timeout=15,
                message=lambda: f"records {admitted_by_minute(group, name)} vs {answered} tokens answered")
-    minutes = admitted_by_minute(group, name)
+    minutes = admitted_by_minute(group, name, meter)
     assert len(minutes) == 2, f"the drive covers the end of one minute and the start of the next: {minutes}"
-    bound = QUOTA * TOLERANCE + largest
-    assert all(tokens <= bound for tokens in minutes.values()), (
-        f"{instances} gateways admitted {minutes} tokens per minute, over {QUOTA} x {TOLERANCE} + {largest}")
-    assert all(tokens >= QUOTA * 0.8 for tokens in minutes.values()), f"quota left unused: {minutes}"
+    quota, one_request = (QUOTA, max(o.tokens for o in admitted)) if meter == "tokens" else (REQUESTS_QUOTA, 1)
+    assert all(used <= quota * TOLERANCE + one_request for used in minutes.values()), (
+        f"{instances} gateways admitted {minutes} {meter} per minute, over {quota} x {TOLERANCE} + {one_request}")
+    assert all(used >= quota * 0.8 for used in minutes.values()), f"quota left unused: {minutes}"
     refused = [o for o in outcomes if o.status == 429]
     assert {o.gateway for o in refused} == set(range(instances))  # every gateway met the shared limit
     assert all(o.retry_after is not None and int(o.retry_after) >= 1 for o in refused)
-    eventually(lambda: table_minutes(group[0], name, list(minutes)) == minutes, timeout=15,
-               message=lambda: f"usage table {table_minutes(group[0], name, list(minutes))} vs records {minutes}")
+    position = 0 if meter == "tokens" else 1
+    figures = [o.remaining[position] for o in outcomes]
+    assert all(f is not None and 0 <= int(f) <= quota for f in figures), sorted(set(figures), key=str)[:10]
+    tokens = admitted_by_minute(group, name)  # what the usage table counts (its Requests count refusals too)
+    eventually(lambda: table_minutes(group[0], name, list(tokens)) == tokens, timeout=15,
+               message=lambda: f"usage table {table_minutes(group[0], name, list(tokens))} vs records {tokens}")
 
 
 def test_shared_quota_costs_few_table_operations_per_admitted_request(
