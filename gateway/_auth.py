@@ -3,6 +3,10 @@
 A key's answer is kept per instance. Known keys are re-checked in the background, never on the
 request path, and keep being served while Table Storage cannot be reached (up to a limit); a key
 the instance has not seen waits for its lookup at most a few seconds, then gets a 503.
+
+A key's expiry (and the end of a rotated-out key's grace period) is compared with the wall clock on
+every request, cached answer or not; its scope (the deployments it may call) is checked by
+``check_scope`` once the request's deployment is known.
 """
 
 from __future__ import annotations
@@ -10,13 +14,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Protocol
 
-from gateway._exceptions import KeyStoreUnavailable, Unauthorized
+from gateway._exceptions import Forbidden, KeyStoreUnavailable, Unauthorized
 from usage import STORAGE_ERRORS, KeyRecord, hash_key
 
 log = logging.getLogger(__name__)
@@ -43,6 +49,29 @@ def key_from_headers(headers: Mapping[str, str]) -> str | None:
 REFRESH_RETRY_SECONDS = 5.0
 #: ``Retry-After`` of a 503 when the key could not be checked.
 RETRY_AFTER_SECONDS = 5.0
+
+
+def _ended(record: KeyRecord, ends: datetime) -> str:
+    moment = ends.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if record.replaced_until is not None and ends == record.replaced_until:
+        return (f"Access denied: the subscription key expired at {moment}, the end of its grace period after "
+                "it was rotated. Use the new key.")
+    return f"Access denied: the subscription key expired at {moment}. Ask for a new key."
+
+
+def check_scope(record: KeyRecord, deployment: str, *, response_id: str | None = None) -> None:
+    """``Forbidden`` unless the key may call ``deployment`` (the name the gateway routes with, as it routes it).
+
+    For a call on a stored response (``response_id``), ``deployment`` is the one that made it; a scoped key
+    is refused one the gateway cannot tell (``"-"`` or empty): it may touch only what its deployments made.
+    """
+    if record.allows(deployment):
+        return
+    if response_id is not None and record.deployments is not None and deployment in ("", "-"):
+        raise Forbidden(f"The deployment that made response '{response_id}' is not known to the gateway, and this "
+                        "key may only use some deployments.", code="DeploymentNotAllowed")
+    what = f"Response '{response_id}' was made with deployment" if response_id is not None else "Deployment"
+    raise Forbidden(f"{what} '{deployment}', which this key is not allowed to use.", code="DeploymentNotAllowed")
 
 
 class KeyLookup(Protocol):
@@ -86,7 +115,9 @@ class KeyCache:
         secret: bytes = b"",
         previous_secret: bytes = b"",
         rehash: Callable[[str, str], Coroutine[Any, Any, bool]] | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        self._wall_clock = wall_clock  # a key's expiry is compared with it on every request, cached or not
         self._store = store
         self._previous = previous_secret
         self._rehash = rehash
@@ -102,7 +133,7 @@ class KeyCache:
         self._inflight: dict[str, asyncio.Task[KeyRecord | None]] = {}
 
     async def authenticate(self, key: str | None) -> KeyRecord:
-        """The enabled key's record; ``Unauthorized`` for a missing, unknown or revoked key,
+        """The enabled key's record; ``Unauthorized`` for a missing, unknown, revoked or expired key,
         ``KeyStoreUnavailable`` when the store could not tell in time."""
         if not key:
             raise Unauthorized(
@@ -119,6 +150,9 @@ class KeyCache:
                 "Access denied due to invalid subscription key. Make sure to provide a valid key "
                 "for an active subscription."
             )
+        ends = record.ends_at
+        if ends is not None and self._wall_clock() >= ends.timestamp():
+            raise Unauthorized(_ended(record, ends))
         return record
 
     async def _under_previous(self, key: str, digest: str) -> KeyRecord | None:

@@ -6,6 +6,7 @@
     └── RequestError             the gateway answers the request itself, AOAI-shaped
         ├── BadRequest           400
         ├── Unauthorized         401
+        ├── Forbidden            403, the key may not use this deployment (its scope)
         ├── NotFound             404
         ├── MethodNotAllowed     405
         ├── RequestTimedOut      408, the client's body did not arrive within BODY_READ_TIMEOUT_SECONDS
@@ -30,7 +31,7 @@ from collections.abc import Mapping
 from usage._config import SettingsError
 
 __all__ = [
-    "BadRequest", "ClientClosedRequest", "GatewayError", "KeyStoreUnavailable", "MethodNotAllowed",
+    "BadRequest", "ClientClosedRequest", "Forbidden", "GatewayError", "KeyStoreUnavailable", "MethodNotAllowed",
     "NoBackendAvailable", "NotFound", "PayloadTooLarge", "QuotaExceeded", "QuotaUnavailable", "RequestError",
     "RequestTimedOut", "SettingsError", "Unauthorized", "UpstreamFailed", "UpstreamTimedOut", "retry_after_headers",
 ]
@@ -74,6 +75,11 @@ class BadRequest(RequestError):
 class Unauthorized(RequestError):
     status = 401
     code = "401"
+
+
+class Forbidden(RequestError):
+    status = 403
+    code = "Forbidden"
 
 
 class NotFound(RequestError):

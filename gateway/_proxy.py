@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 
 from gateway import _tokens
 from gateway._affinity import AffinityMap
-from gateway._auth import KeyCache, key_from_headers
+from gateway._auth import KeyCache, check_scope, key_from_headers
 from gateway._backends import BackendPool
 from gateway._contentlog import ContentLog
 from gateway._credentials import TokenProvider
@@ -115,9 +115,13 @@ class Proxy:
             call = await read_call(request, self._settings, self._timer, endpoint=endpoint)
             context.deployment = call.deployment if is_deployment_name(call.deployment) else "-"
             deadline = context.started + self._settings.request_deadline
+            if not endpoint.stored:  # the key's scope, before anything goes upstream
+                check_scope(key, call.deployment)
             if endpoint.operation.startswith("responses"):
                 await self._stored.pin(call, key_name=key.name, deadline=deadline)
                 context.deployment = call.deployment if is_deployment_name(call.deployment) else "-"
+                if endpoint.stored:  # by the deployment that made the response
+                    check_scope(key, call.deployment, response_id=call.response_id)
             if key.limits.any and not endpoint.stored:
                 estimate = self._reservation_estimate(call)
                 cost = self._reservation_cost(call, estimate) if key.limits.budget_nano_per_month is not None else 0
@@ -157,7 +161,8 @@ class Proxy:
         except RequestError as exc:
             return error_response(exc, request_id=context.request_id)
         context.key_name = key.name
-        names = sorted({name for b in self._settings.backends if b.deployments is not None for name in b.deployments})
+        names = sorted({name for b in self._settings.backends if b.deployments is not None
+                        for name in b.deployments if key.allows(name)})
         body = json.dumps({"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "system"} for name in names]}).encode()
         now = self._clock()

@@ -30,7 +30,7 @@ from gateway._proxy import Proxy
 from gateway._publish import EventTransport, InProcessTransport, ServiceBusTransport, UsagePublisher
 from gateway._quota import QuotaGuard, TableUsage
 from gateway._records import LoggingSink, TeeSink, UsageSink
-from gateway._settings import Settings, load_settings
+from gateway._settings import Settings, load_settings, unknown_price_backends
 from gateway._telemetry import Telemetry, flush_telemetry
 from gateway._timing import Timer
 from usage import open_blob_service
@@ -120,6 +120,9 @@ class GatewayRuntime:
             self._flush_on_sigterm()
             log.info("gateway started with %d backend(s): %s", len(settings.backends),
                      ", ".join(b.name for b in settings.backends))
+            for deployment, names in unknown_price_backends(settings).items():
+                log.warning("PRICES overrides backend(s) %s for %s, which AOAI_BACKENDS does not have: a typo "
+                            "prices their events at the deployment's own rates", names, deployment)
             return self._proxy
 
     def _build(
@@ -151,7 +154,8 @@ class GatewayRuntime:
         store = KeyStore(tables, secret=settings.key_hash_secret, lookup_timeout=settings.key_lookup_timeout)
         keys = KeyCache(store, ttl=settings.key_cache_seconds, stale=settings.key_stale_seconds,
                         timeout=settings.key_lookup_timeout, clock=clock, secret=settings.key_hash_secret,
-                        previous_secret=settings.key_hash_previous_secret, rehash=store.rehash)
+                        previous_secret=settings.key_hash_previous_secret, rehash=store.rehash,
+                        wall_clock=wall_clock)
         self._closers.append(keys.close)
         self.telemetry = Telemetry.from_env(settings.backends)  # exporters from the environment, once per process
         quota = QuotaGuard(TableUsage(tables, timeout=settings.key_lookup_timeout),

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from gateway._exceptions import SettingsError
 from usage import BlobStorageConfig, StorageConfig, load_blob_config, load_storage_config
 from usage._config import DEFAULT_LEDGER_RETENTION_DAYS, load_ledger_retention
-from usage._prices import PRICES_SETTING, Prices, load_prices
+from usage._prices import Prices, load_prices
 
 DEPLOYMENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -281,24 +281,22 @@ def load_redactions(raw: str) -> tuple[str, ...]:
     return tuple(items)
 
 
-def load_checked_prices(env: Mapping[str, str], backends: tuple[BackendConfig, ...]) -> Prices:
-    """``PRICES``, whose backend overrides must name backends of ``AOAI_BACKENDS`` (a typo would price at the base)."""
-    prices = load_prices(env)
-    names = {backend.name for backend in backends}
-    for deployment, history in prices.entries.items():
-        for entry in history:
-            unknown = sorted(set(entry.backends) - names)
-            if unknown:
-                raise SettingsError(PRICES_SETTING, f"[{deployment!r}].backends names {unknown}, which "
-                                    "AOAI_BACKENDS does not have")
-    return prices
+def unknown_price_backends(settings: Settings) -> dict[str, list[str]]:
+    """Per deployment, the backends ``PRICES`` overrides that ``AOAI_BACKENDS`` does not have: a typo, or a
+    backend since removed (whose events may still be aggregated, so this is worth a warning, not a refusal)."""
+    names = {backend.name for backend in settings.backends}
+    unknown: dict[str, list[str]] = {}
+    for deployment, history in settings.prices.entries.items():
+        missing = sorted({name for entry in history for name in entry.backends} - names)
+        if missing:
+            unknown[deployment] = missing
+    return unknown
 
 
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Build the settings from ``env``; a missing or malformed setting raises, naming it."""
-    backends = load_backends(env.get("AOAI_BACKENDS", ""))
     return Settings(
-        backends=backends,
+        backends=load_backends(env.get("AOAI_BACKENDS", "")),
         storage=load_storage_config(env),
         key_hash_secret=env.get("KEY_HASH_SECRET", "").encode(),
         key_hash_previous_secret=env.get("KEY_HASH_SECRET_PREVIOUS", "").encode(),
@@ -324,5 +322,5 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         content_log_redact=load_redactions(env.get("CONTENT_LOG_REDACT", "")),
         content_log_buffer_bytes=_integer(env, "CONTENT_LOG_BUFFER_BYTES", 64 * 1024 * 1024, minimum=1024 * 1024),
         ledger_retention_days=load_ledger_retention(env),
-        prices=load_checked_prices(env, backends),
+        prices=load_prices(env),
     )

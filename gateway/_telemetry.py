@@ -69,6 +69,7 @@ METRICS = {
     "aoai_gateway.usage.failed_sends": ("counter", "{send}", "Usage batches whose send failed"),
     "aoai_gateway.usage.counted": ("counter", "{event}", "Usage events the aggregator counted"),
     "aoai_gateway.usage.rejected": ("counter", "{event}", "Usage messages the aggregator rejected"),
+    "aoai_gateway.usage.unpriced": ("counter", "{event}", "Usage events counted with no price in force"),
     "aoai_gateway.usage.lag": ("histogram", "s", "From an event's time to its being counted"),
 }
 _TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864]

@@ -16,6 +16,9 @@ param location string
 @description('AOAI_BACKENDS: the JSON array of backends (README, Settings). Backends without api_key use the app\'s identity')
 param aoaiBackends string
 
+@description('PRICES: each deployment\'s prices per million tokens, JSON (README, Prices and cost). Empty: usage is counted unpriced')
+param prices string = ''
+
 @description('JSON array of the existing AOAI resources the identity may call: [{"name", "resourceGroup", "subscriptionId"?}]')
 param openAiResources string = '[]'
 
@@ -56,6 +59,7 @@ module gateway 'resources.bicep' = {
     tags: tags
     resourceToken: resourceToken
     aoaiBackends: aoaiBackends
+    prices: prices
     keyHashSecret: keyHashSecret
     principalId: principalId
     ledgerRetentionDays: ledgerRetentionDays

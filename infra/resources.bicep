@@ -4,6 +4,7 @@ param location string
 param tags object
 param resourceToken string
 param aoaiBackends string
+param prices string
 @secure()
 param keyHashSecret string
 param principalId string
@@ -254,6 +255,7 @@ module app 'modules/function-app.bicep' = {
     appInsightsConnectionString: appInsights.outputs.connectionString
     keyHashSecretUri: '${vault.properties.vaultUri}secrets/${keyHashSecretName}'
     aoaiBackends: aoaiBackends
+    prices: prices
     ledgerRetentionDays: ledgerRetentionDays
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB

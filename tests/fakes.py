@@ -15,6 +15,10 @@ from gateway import UsageRecord
 _DOUBLE = struct.Struct("<d")
 
 
+#: Where the harness starts the worker's shared clock; its wall clock is real time plus the clock's advance past it.
+CLOCK_START = 1000.0
+
+
 class SharedClock:
     """A monotonic clock kept in a small file: the test moves it by hand, the worker reads it, so cooling
     periods pass without sleeping in either process."""

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,7 +29,7 @@ from devkit._serve import front_options
 from devkit.services import free_port, wait_for_port
 from devkit.simulator import SimulatedRegion
 from gateway import BackendConfig, Settings
-from tests.fakes import RecordedUsage, SharedClock
+from tests.fakes import CLOCK_START, RecordedUsage, SharedClock
 from usage import KeyStore, StorageConfig, open_table_service
 from usage._keys import Limits
 from usage._prices import dump_prices
@@ -117,7 +118,10 @@ class CapturedLogs(logging.Handler):
 @dataclass
 class Gateway:
     """The local host serving function_app.py through the real runtime in a worker process, with its
-    simulated regions, a valid key, the worker's shared clock and the usage it recorded."""
+    simulated regions, a valid key, the worker's shared clock and the usage it recorded.
+
+    ``clock.advance(s)`` moves the worker's monotonic clock and its wall clock (real time plus the
+    advances) alike: key expiry and grace periods, quota windows and the events' times move with it."""
 
     url: str
     key: str
@@ -129,13 +133,16 @@ class Gateway:
     logs: CapturedLogs
     host: FunctionsHost
 
-    def create_key(self, name: str, limits: Limits | None = None, *, log_content: bool = False) -> str:
-        """A new subscription key (with quotas, and content logging when asked) in the gateway's key table."""
+    def create_key(self, name: str, limits: Limits | None = None, *, log_content: bool = False,
+                   deployments: frozenset[str] | None = None, expires_at: datetime | None = None) -> str:
+        """A new subscription key (with quotas, content logging, a scope and an expiry when asked) in the
+        gateway's key table."""
 
         async def create() -> str:
             async with open_table_service(self.settings.storage) as service:
                 store = KeyStore(service, secret=self.settings.key_hash_secret)
-                return await store.create(name, limits=limits or Limits(), log_content=log_content)
+                return await store.create(name, limits=limits or Limits(), log_content=log_content,
+                                          deployments=deployments, expires_at=expires_at)
 
         return self.loop.run(create())
 
@@ -281,7 +288,7 @@ def running_gateway(
 
     key = loop.run(create_key())
     scratch = Path(tempfile.mkdtemp(prefix="gateway-test-"))
-    clock = SharedClock(scratch / "clock", start=1000.0)
+    clock = SharedClock(scratch / "clock", start=CLOCK_START)
     app_settings = {k: v for k, v in os.environ.items() if not k.startswith(_HOST_ONLY)}
     # the queue trigger runs only where a test turns it on (it would take the events tests look for)
     app_settings.update({"FUNCTIONS_WORKER_RUNTIME": "python", "USAGE_QUEUE_NAME": "usage-events",

@@ -235,7 +235,8 @@ def test_requests_through_the_gateway_are_priced(storage: str) -> None:
     deployment without a price is counted in unpriced_requests, not as 0."""
     prices = parse_prices(json.dumps({"gpt-4o": {
         "currency": "USD", "input": "2.5", "cached_input": "1.25", "output": "10",
-        "backends": {"westus": {"input": 0, "cached_input": 0, "output": 0}}}}))
+        "backends": {"westus": {"input": 0, "cached_input": 0, "output": 0},
+                     "retired-ptu": {"input": 0, "cached_input": 0, "output": 0}}}}))
     with running_gateway(storage, prices=prices) as gateway:
         name = f"team-{uuid.uuid4().hex[:8]}"
         key = gateway.create_key(name)
@@ -253,6 +254,8 @@ def test_requests_through_the_gateway_are_priced(storage: str) -> None:
 
         eventually(lambda: sum(r.requests for r in gateway.loop.run(statement()).values()) == 3, timeout=20)
         rows = gateway.loop.run(statement())
+        # an override of a backend AOAI_BACKENDS no longer has is allowed (its events may still come), and said
+        assert any("PRICES" in line and "retired-ptu" in line for line in gateway.logs.lines)
     priced = [r for r in records if r.deployment == "gpt-4o"]
     assert all(r.backend == "eastus" and r.prompt_tokens > 0 and r.completion_tokens > 0 for r in priced)
     expected = sum(r.prompt_tokens * 2500 + r.completion_tokens * 10_000 for r in priced)
@@ -265,11 +268,10 @@ def test_requests_through_the_gateway_are_priced(storage: str) -> None:
 
 @pytest.mark.parametrize("prices", [
     '{"gpt-4o": {"currency": "USD", "input": 2.5001, "cached_input": 1, "output": 10}}',
-    '{"gpt-4o": {"currency": "USD", "input": 2.5, "cached_input": 1, "output": 10, "backends": {"nowhere": '
-    '{"input": 0, "cached_input": 0, "output": 0}}}}',
+    '[{"gpt-4o": {"currency": "USD", "input": 2.5, "cached_input": 1, "output": 10}}]',
 ])
 def test_serve_refuses_bad_prices_naming_the_setting(prices: str, tmp_path: Path) -> None:
-    """python -m gateway serve exits 2 on a bad PRICES (too many decimals; an override of no backend), naming it."""
+    """python -m gateway serve exits 2 on a bad PRICES (too many decimals; not an object), naming it."""
     backends = json.dumps([{"name": "east", "endpoint": "https://east.example"}])
     env = {**os.environ, "AOAI_BACKENDS": backends, "UsageStorage": "UseDevelopmentStorage=true", "PRICES": prices}
     done = subprocess.run([sys.executable, "-m", "gateway", "serve", "--port", "1"], cwd=tmp_path,
@@ -280,3 +282,23 @@ def test_serve_refuses_bad_prices_naming_the_setting(prices: str, tmp_path: Path
     with pytest.raises(SettingsError) as caught:
         load_settings(env)
     assert caught.value.name == "PRICES"
+
+
+async def test_cost_past_int64_is_rejected_not_lost(service: Any) -> None:
+    """An event whose cost would take its counters past Int64 is kept in usagerejects with its reason, and the
+    rows are left as they were: never wrapped, never dropped."""
+    from usage._schema import REJECTS_TABLE
+
+    key = f"big-{uuid.uuid4().hex[:8]}"
+    prices = parse_prices('{"gpt-4o": {"currency": "USD", "input": 0, "cached_input": 0, "output": 100000}}')
+    small, huge = month_events(key)[:2]
+    huge = {**huge, "deployment": "gpt-4o", "completion_tokens": 10**12 - 10**4,
+            "total_tokens": 10**12 - 10**4 + huge["prompt_tokens"]}  # each count within bounds; the cost 10^20
+    result = await Aggregator(service, prices=prices).aggregate([json.dumps(small), json.dumps(huge)],
+                                                                message_ids=["small", f"huge-{key}"])
+    assert (result.counted, result.rejected) == (1, 1)
+    [row] = await statement_rows(service, month="2026-11", key=key)
+    assert (row.requests, row.cost_nano) == (1, small["completion_tokens"] * 10**8)
+    rejects = service.get_table_client(REJECTS_TABLE)
+    [reject] = [e async for e in rejects.query_entities("MessageId eq @m", parameters={"m": f"huge-{key}"})]
+    assert "Int64" in reject["Reason"]

@@ -93,6 +93,7 @@ def app_settings() -> dict[str, str]:
         "appInsightsConnectionString": "InstrumentationKey=x",
         "queueName": resources["variables"]["queueName"]["value"], "ledgerRetentionDays": "14",
         "aoaiBackends": json.dumps([{"name": "east", "endpoint": "https://east.openai.azure.com"}]),
+        "prices": json.dumps({"gpt-4o": {"currency": "USD", "input": 2.5, "cached_input": 1.25, "output": 10}}),
         "keyHashSecretUri": "https://kv-example.vault.azure.net/secrets/key-hash-secret",
     }
     return {name: _render(value, names) for name, value in app["variables"]["appSettings"]["value"].items()}
@@ -121,6 +122,7 @@ def test_every_setting_the_app_needs_in_azure_is_set() -> None:
     assert env["APPLICATIONINSIGHTS_CONNECTION_STRING"] and "Authorization=AAD" in env[
         "APPLICATIONINSIGHTS_AUTHENTICATION_STRING"]
     assert float(env["LEDGER_RETENTION_DAYS"]) == settings.ledger_retention_days
+    assert settings.prices.currency("gpt-4o") == "USD"
     assert settings.content_log is not None and settings.content_log.blob_service_uri == (
         "https://stexample.blob.core.windows.net")
     # Flex Consumption refuses these two: the runtime is set in functionAppConfig

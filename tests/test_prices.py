@@ -88,3 +88,14 @@ def test_prices_may_be_numbers_or_decimal_strings_up_to_three_places() -> None:
     prices = parse_prices(_one(input="0.001", cached_input=0.0, output="100000"))
     assert prices.lookup("gpt-4o", "x", datetime(2026, 1, 1, tzinfo=UTC)) == Price("USD", 1, 0, 100_000_000)
     assert not parse_prices("") and not parse_prices("{}")
+
+
+def test_prices_written_back_read_the_same() -> None:
+    """dump_prices (what the test harness writes as the app setting) reads back into equal prices."""
+    from usage._prices import dump_prices
+
+    text = json.dumps({"gpt-4o": [BASE, {**BASE, "input": "0.001", "effective_from": "2026-11-15",
+                                         "backends": {"ptu": {"input": 0, "cached_input": 0, "output": "99999.999"}}}],
+                       "mini": {**BASE, "currency": "EUR", "output": "0.6"}})
+    prices = parse_prices(text)
+    assert parse_prices(dump_prices(prices)) == prices and prices != parse_prices(_one())

@@ -278,3 +278,35 @@ def test_every_answer_of_a_key_with_limits_carries_its_own_remaining(gateway: Ga
         rows = list(service.get_table_client(BUDGET_TABLE).query_entities(
             "PartitionKey eq @k", parameters={"k": free_name}))
     assert rows == []
+
+
+def test_budget_flags_of_the_keys_cli(storage: str, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """--budget-per-month on create and set-quota (an amount in currency units, 'none' removes it), shown by list;
+    a bad amount is refused by the parser, naming the problem."""
+    from usage._cli import main
+
+    monkeypatch.setenv("UsageStorage", storage)
+    name = f"money-{uuid.uuid4().hex[:8]}"
+    out = io.StringIO()
+    assert main(["keys", "create", "--name", name, "--budget-per-month", "250.5", "--json"], out=out) == 0
+    assert json.loads(out.getvalue())["budget_per_month"] == "250.50"
+
+    def listed() -> dict[str, Any]:
+        out = io.StringIO()
+        assert main(["keys", "list", "--json"], out=out) == 0
+        rows: dict[str, dict[str, Any]] = {row["name"]: row for row in json.loads(out.getvalue())}
+        return rows[name]
+
+    assert main(["keys", "set-quota", name, "--budget-per-month", "0.000000001"], out=io.StringIO()) == 0
+    assert listed()["budget_per_month"] == "0.000000001"
+    text = io.StringIO()
+    assert main(["keys", "list"], out=text) == 0
+    assert "budget 0.000000001/month" in text.getvalue()
+    assert main(["keys", "set-quota", name, "--budget-per-month", "none"], out=io.StringIO()) == 0
+    assert listed()["budget_per_month"] is None
+    for bad in ("-1", "1.0000000001", "ten"):
+        with pytest.raises(SystemExit) as exited:
+            main(["keys", "set-quota", name, "--budget-per-month", bad], out=io.StringIO())
+        assert exited.value.code == 2
+        assert "--budget-per-month" in capsys.readouterr().err

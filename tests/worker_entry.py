@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 from devkit import worker
-from tests.fakes import FileSink, IssuingCredential, SharedClock
+from tests.fakes import CLOCK_START, FileSink, IssuingCredential, SharedClock
 
 
 def main() -> int:
     import function_app  # the module the runtime indexes: the same object, already configured
 
+    clock = SharedClock(Path(os.environ["TEST_CLOCK_FILE"]))
     function_app.runtime.configure(
-        clock=SharedClock(Path(os.environ["TEST_CLOCK_FILE"])),
+        clock=clock,
+        # the wall clock runs with real time plus whatever the test moved the shared clock by
+        wall_clock=lambda: time.time() + (clock() - CLOCK_START),
         random=lambda: 0.0,  # of two backends of one priority, the first is chosen first
         sink=FileSink(Path(os.environ["TEST_USAGE_FILE"])),
         credential=IssuingCredential() if os.environ.get("TEST_ENTRA_CREDENTIAL") == "1" else None,

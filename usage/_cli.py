@@ -9,7 +9,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any, TextIO
 
@@ -20,7 +20,7 @@ from azure.identity.aio import DefaultAzureCredential
 from usage import _replay
 from usage._config import CONTENT_LOG_SETTING, SettingsError, load_blob_config, load_storage_config, read_environment
 from usage._content import open_blob_service, read_records, render_records
-from usage._keys import KeyRecord, KeyStore, KeyStoreError, Limits
+from usage._keys import KeyRecord, KeyStore, KeyStoreError, Limits, checked_scope
 from usage._prices import format_cost, load_prices
 from usage._report import GROUPS, group, read_days, render
 from usage._statement import is_month, render_statement, statement_rows
@@ -79,6 +79,52 @@ def _month(value: str) -> str:
     return value
 
 
+def _moment(value: str) -> datetime:
+    """``--expires``: an ISO 8601 date (00:00 UTC that day) or date-time (UTC unless it gives an offset)."""
+    moment: datetime | None
+    try:
+        moment = datetime.fromisoformat(value.strip())
+        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except (ValueError, OverflowError):
+        moment = None
+    if moment is None or moment.year < 1601:  # Table Storage's DateTime starts in 1601
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an ISO 8601 date or date-time like 2026-12-31 or 2026-12-31T18:00:00Z")
+    return moment
+
+
+def _expiry(value: str) -> datetime | None:
+    return None if value.strip().lower() == "none" else _moment(value)
+
+
+def _scope(value: str) -> frozenset[str]:
+    """``--deployments a,b``: the deployment names, checked."""
+    try:
+        return checked_scope(name.strip() for name in value.split(",") if name.strip())
+    except KeyStoreError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _scope_or_all(value: str) -> frozenset[str] | None:
+    return None if value.strip().lower() == "all" else _scope(value)
+
+
+def _hours(value: str) -> float:
+    try:
+        hours = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of hours") from None
+    if not 0 <= hours <= MAX_GRACE_HOURS:  # NaN too
+        raise argparse.ArgumentTypeError(f"the grace period must be 0 to {MAX_GRACE_HOURS:g} hours")
+    return hours
+
+
+_EXPIRES_HELP = ("when the key stops working: an ISO 8601 date (meaning 00:00 UTC that day) or date-time "
+                 "(UTC unless it has an offset), e.g. 2026-12-31 or 2026-12-31T18:00:00+01:00")
+DEFAULT_GRACE_HOURS = 24.0
+MAX_GRACE_HOURS = 8760.0  # a year
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m usage", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True, help="the team or app the key is for")
     create.add_argument("--log-content", action="store_true",
                         help="record this key's prompts and completions (where CONTENT_LOG is set)")
+    create.add_argument("--deployments", type=_scope, metavar="A,B",
+                        help="the only deployments the key may call (exact names, comma-separated); default: all")
+    create.add_argument("--expires", type=_moment, metavar="WHEN", help=_EXPIRES_HELP)
     set_quota = actions.add_parser("set-quota", help="change a key's quotas and budget ('none' removes one)")
     set_quota.add_argument("name")
     for command in (create, set_quota):
@@ -101,8 +150,23 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--json", action="store_true", help="print one JSON object")
     listing = actions.add_parser("list", help="list keys: names, state, quotas (never the keys)")
     listing.add_argument("--json", action="store_true", help="print a JSON list")
-    revoke = actions.add_parser("revoke", help="disable a key (gateways notice within KEY_CACHE_SECONDS)")
+    revoke = actions.add_parser("revoke", help="disable a key, and the one it replaced if still in its grace "
+                                "period (gateways notice within KEY_CACHE_SECONDS)")
     revoke.add_argument("name")
+    rotate = actions.add_parser("rotate", help="issue a new key for a name and print it once; the current key keeps "
+                                "working for the grace period")
+    rotate.add_argument("name")
+    rotate.add_argument("--grace", type=_hours, default=DEFAULT_GRACE_HOURS, metavar="HOURS",
+                        help=f"hours the current key keeps working (default {DEFAULT_GRACE_HOURS:g}; 0: it stops "
+                        "as a revoked key does); a key replaced by an earlier rotation stops at once")
+    rotate.add_argument("--json", action="store_true", help='print {"name", "key"}')
+    scope = actions.add_parser("set-scope", help="change the deployments a key may call (gateways notice within "
+                               "KEY_CACHE_SECONDS)")
+    scope.add_argument("name")
+    scope.add_argument("deployments", type=_scope_or_all, metavar="A,B|all")
+    expiry = actions.add_parser("set-expiry", help="change when a key stops working ('none': never)")
+    expiry.add_argument("name")
+    expiry.add_argument("expires", type=_expiry, metavar="WHEN|none", help=_EXPIRES_HELP)
     logging_ = actions.add_parser("set-logging", help="turn content logging of a key on or off "
                                   "(gateways notice within KEY_CACHE_SECONDS)")
     logging_.add_argument("name")
@@ -143,9 +207,45 @@ def _limits_json(limits: Limits) -> dict[str, Any]:
             "budget_per_month": None if budget is None else _amount(budget)}
 
 
-def _describe(record: KeyRecord) -> dict[str, Any]:
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _state(record: KeyRecord, now: datetime) -> str:
+    if not record.enabled:
+        return "revoked"
+    return "expired" if record.expires_at is not None and record.expires_at <= now else "enabled"
+
+
+def _previous_until(record: KeyRecord, now: datetime) -> datetime | None:
+    """Until when the key a rotation replaced still works, while it does."""
+    until = record.previous_until
+    if until is None or until <= now or not record.enabled:
+        return None
+    return until if record.expires_at is None else min(until, record.expires_at)
+
+
+def _describe(record: KeyRecord, now: datetime | None = None) -> dict[str, Any]:
+    now = now or datetime.now(UTC)
     return {"name": record.name, "enabled": record.enabled, "created_at": record.created_at.isoformat(),
-            **_limits_json(record.limits), "log_content": record.log_content}
+            **_limits_json(record.limits), "log_content": record.log_content,
+            "state": _state(record, now),
+            "deployments": None if record.deployments is None else sorted(record.deployments),
+            "expires_at": _iso(record.expires_at),
+            "previous_key_valid_until": _iso(_previous_until(record, now))}
+
+
+def _access_text(record: KeyRecord, now: datetime) -> tuple[str, str, str]:
+    """The scope, expiry and rotation columns of ``keys list``."""
+    scope = "all" if record.deployments is None else ",".join(sorted(record.deployments))
+    expires = _iso(record.expires_at) or "never"
+    previous = _previous_until(record, now)
+    return scope, expires, "-" if previous is None else f"previous key valid until {_iso(previous)}"
+
+
+def _warn_past(expires: datetime | None) -> None:
+    if expires is not None and expires <= datetime.now(UTC):
+        print(f"warning: {_iso(expires)} is in the past: the key does not work", file=sys.stderr)
 
 
 def _quota_text(limits: Limits) -> str:
@@ -161,14 +261,20 @@ def _quota_text(limits: Limits) -> str:
 async def _keys(store: KeyStore, args: argparse.Namespace, out: TextIO) -> None:
     if args.action == "create":
         limits = Limits(**{dest: getattr(args, dest) for dest, _ in _LIMITS if hasattr(args, dest)})
-        key = await store.create(args.name, limits=limits, log_content=args.log_content)
+        key = await store.create(args.name, limits=limits, log_content=args.log_content,
+                                 deployments=args.deployments, expires_at=args.expires)
+        _warn_past(args.expires)
         if args.json:
             print(json.dumps({"name": args.name, "key": key, **_limits_json(limits),
-                              "log_content": args.log_content}), file=out)
+                              "log_content": args.log_content,
+                              "deployments": None if args.deployments is None else sorted(args.deployments),
+                              "expires_at": _iso(args.expires)}), file=out)
         else:
             logged = ", content logged" if args.log_content else ""
-            print(f"Created key for {args.name} ({_quota_text(limits)}{logged}). It is shown once; store it now:\n"
-                  f"{key}", file=out)
+            scope = "" if args.deployments is None else f", deployments {','.join(sorted(args.deployments))}"
+            expires = "" if args.expires is None else f", expires {_iso(args.expires)}"
+            print(f"Created key for {args.name} ({_quota_text(limits)}{logged}{scope}{expires}). It is shown once; "
+                  f"store it now:\n{key}", file=out)
     elif args.action == "set-quota":
         current = (await store.get(args.name)).limits
         changes = {dest: getattr(args, dest) for dest, _ in _LIMITS if hasattr(args, dest)}
@@ -180,18 +286,39 @@ async def _keys(store: KeyStore, args: argparse.Namespace, out: TextIO) -> None:
             print(f"Quotas of {args.name}: {_quota_text(limits)}", file=out)
     elif args.action == "list":
         records = await store.list()
+        now = datetime.now(UTC)
         if args.json:
-            print(json.dumps([_describe(r) for r in records]), file=out)
+            print(json.dumps([_describe(r, now) for r in records]), file=out)
         else:
-            print(f"{'NAME':<32} {'STATE':<8} {'CREATED':<20} {'CONTENT':<8} QUOTAS", file=out)
+            print(f"{'NAME':<32} {'STATE':<8} {'CREATED':<20} {'CONTENT':<8} {'QUOTAS':<24} {'DEPLOYMENTS':<24} "
+                  f"{'EXPIRES':<20} ROTATION", file=out)
             for record in records:
-                state = "enabled" if record.enabled else "revoked"
                 logged = "logged" if record.log_content else "-"
-                print(f"{record.name:<32} {state:<8} {record.created_at:%Y-%m-%d %H:%M:%SZ} {logged:<8} "
-                      f"{_quota_text(record.limits)}", file=out)
+                scope, expires, rotation = _access_text(record, now)
+                print(f"{record.name:<32} {_state(record, now):<8} {record.created_at:%Y-%m-%d %H:%M:%SZ} "
+                      f"{logged:<8} {_quota_text(record.limits):<24} {scope:<24} {expires:<20} {rotation}", file=out)
     elif args.action == "revoke":
         await store.revoke(args.name)
         print(f"Revoked {args.name}", file=out)
+    elif args.action == "rotate":
+        key = await store.rotate(args.name, grace=timedelta(hours=args.grace))
+        record = await store.get(args.name)
+        _warn_past(record.expires_at)  # carried over from the replaced key: set-expiry changes it
+        if args.json:
+            print(json.dumps({"name": args.name, "key": key}), file=out)
+        else:
+            until = _previous_until(record, datetime.now(UTC))
+            previous = "stops working now" if until is None else f"keeps working until {_iso(until)}"
+            print(f"Rotated key of {args.name}; the previous key {previous}. The new key is shown once; "
+                  f"store it now:\n{key}", file=out)
+    elif args.action == "set-scope":
+        await store.set_scope(args.name, args.deployments)
+        scope = "all" if args.deployments is None else ",".join(sorted(args.deployments))
+        print(f"Deployments of {args.name}: {scope}", file=out)
+    elif args.action == "set-expiry":
+        await store.set_expiry(args.name, args.expires)
+        _warn_past(args.expires)
+        print(f"Key {args.name} expires: {_iso(args.expires) or 'never'}", file=out)
     elif args.action == "set-logging":
         await store.set_logging(args.name, on=args.state == "on")
         print(f"Content logging of {args.name}: {args.state}", file=out)

@@ -185,13 +185,17 @@ def render(rows: list[dict[str, Any]], by: str, form: str, *, width: int = 50) -
     if form == "chart":
         top = max(r["total_tokens"] for r in rows) or 1
         name_width = max(len(str(r[by])) for r in rows)
-        lines = [f"total tokens by {by} (and cost)"]
-        for row in rows:
+        token_width = max(len(f"{r['total_tokens']:,}") for r in rows)
+        places = max(len(r["cost"].partition(".")[2]) for r in rows)
+        costs = [f"{r['cost']:0<{len(r['cost'].partition('.')[0]) + 1 + places}}" for r in rows]
+        cost_width = max(len(c) for c in costs)
+        lines = [f"total tokens by {by}, and cost"]
+        for row, cost in zip(rows, costs, strict=True):
             full, part = divmod(row["total_tokens"] * width * 8 // top, 8)
             bar = "█" * full + ("", "▏", "▎", "▍", "▌", "▋", "▊", "▉")[part]
-            cost = f"{row['cost']} {row['currency']}" if row["currency"] else "no price"
+            priced = f"{cost:>{cost_width}} {row['currency']}" if row["currency"] else "no price"
             if row["currency"] and row["unpriced_requests"]:
-                cost += f" + {row['unpriced_requests']:,} unpriced request(s)"
-            lines.append(f"{row[by]!s:<{name_width}} │{bar:<{width}} {row['total_tokens']:,}  {cost}")
+                priced += f" + {row['unpriced_requests']:,} unpriced request(s)"
+            lines.append(f"{row[by]!s:<{name_width}} │{bar:<{width}} {row['total_tokens']:>{token_width},}  {priced}")
         return "\n".join(lines)
     return as_table(rows, headers, totals(rows, {by: "TOTAL"}, FIELDS))

@@ -13,6 +13,7 @@ param queueName string
 param appInsightsConnectionString string
 param keyHashSecretUri string
 param aoaiBackends string
+param prices string
 param ledgerRetentionDays int
 param maximumInstanceCount int
 param instanceMemoryMB int
@@ -42,6 +43,8 @@ var appSettings = {
   AOAI_BACKENDS: aoaiBackends
   KEY_HASH_SECRET: '@Microsoft.KeyVault(SecretUri=${keyHashSecretUri})'
   LEDGER_RETENTION_DAYS: string(ledgerRetentionDays)
+  // what usage costs (README, Prices and cost); empty: every request is counted unpriced
+  PRICES: prices
 }
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
