@@ -5,8 +5,11 @@ reached through a relay that counts the operations (``devkit.table_proxy``). The
 with the ``openai`` SDK at 40 requests/s each, ``max_tokens`` set, and reads what each admitted from
 its usage records (the ones the aggregator counts into the ``usage`` table, which must agree).
 
-Quota windows are UTC minutes of the wall clock; each gateway's monotonic clock (``gateway.clock``,
-what the quota's caches, leases and settle periods run on) is moved in step with real time.
+Each gateway's worker runs on its shared clock (``gateway.clock``: what the quota's caches and leases run
+on) and on a wall clock of real time plus what the test moved that clock by (its UTC minutes are the
+quota windows). The tests move all four gateways' clocks together, so their wall clocks agree: at once,
+to just before a minute ends (no waiting for it), then, during a drive, with real time (so the wall
+clocks run at twice real speed then: a 12-second drive covers 24 seconds of the gateways' time).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import openai
@@ -28,6 +32,7 @@ import pytest
 from azure.core.exceptions import ResourceNotFoundError
 
 from devkit.table_proxy import CountingTableProxy, counting_table_proxy
+from tests.fakes import CLOCK_START
 from tests.harness import Gateway, eventually, running_gateway
 from usage import open_table_service
 from usage._keys import Limits
@@ -41,7 +46,7 @@ QUOTA = 3000  # tokens per minute: spent in about a second at this rate
 REQUESTS_QUOTA = 120  # requests per minute: as fast
 TOLERANCE = 1.05
 DRIVE_SECONDS = 12.0
-#: the drive starts this long before a UTC minute ends, so it covers a window's end and the next one's start
+#: the drive starts this long (gateway time) before a UTC minute ends: it covers a window's end and the next start
 BEFORE_MINUTE_END = 6.0
 MAX_TABLE_OPS_PER_ADMITTED = 0.2
 WARM_UP_SECONDS = 3.0  # the steady state is measured after this
@@ -67,7 +72,8 @@ def table_proxy(storage: str) -> Iterator[CountingTableProxy]:
 
 @pytest.fixture(scope="module")
 def gateways(table_proxy: CountingTableProxy) -> Iterator[list[Gateway]]:
-    """Four gateways on the one Table Storage (same KEY_HASH_SECRET, so one key works on all)."""
+    """Four gateways on the one Table Storage (same KEY_HASH_SECRET, so one key works on all); their clocks
+    are only ever moved together."""
     with ExitStack() as stack:
         running = [stack.enter_context(running_gateway(table_proxy.connection_string)) for _ in range(4)]
         assert len({gw.settings.key_hash_secret for gw in running}) == 1
@@ -75,13 +81,28 @@ def gateways(table_proxy: CountingTableProxy) -> Iterator[list[Gateway]]:
             client = openai.AzureOpenAI(azure_endpoint=gw.url, api_key=gw.key, api_version="2024-10-21")
             for _ in range(3):
                 assert client.chat.completions.create(model="gpt-4o", messages=MESSAGES).choices
-        with clocks_in_step(running):
-            yield running
+        yield running
+
+
+def gateway_time(gateways: list[Gateway]) -> float:
+    """The gateways' wall clock (all alike: their shared clocks start alike and move together)."""
+    assert len({gw.clock() for gw in gateways}) == 1
+    return time.time() + (gateways[0].clock() - CLOCK_START)
+
+
+def skip_to_window_end(gateways: list[Gateway], seconds_before: float) -> None:
+    """Move every gateway's clocks forward to ``seconds_before`` before their UTC minute ends (the next
+    minute's, if this one is closer to its end than that)."""
+    into = gateway_time(gateways) % 60
+    target = 60 - seconds_before
+    ahead = target - into if into <= target else 60 - into + target
+    for gw in gateways:
+        gw.clock.advance(ahead)
 
 
 @contextmanager
 def clocks_in_step(gateways: list[Gateway]) -> Iterator[None]:
-    """Move every gateway's clock with real time (they all start at the same reading)."""
+    """Move every gateway's clock with real time (their wall clocks then run at twice real speed)."""
     stop = threading.Event()
 
     def tick() -> None:
@@ -139,14 +160,17 @@ async def _drive(gateways: list[Gateway], key: str, seconds: float) -> list[Outc
             await client.close()
 
 
-def drive(gateways: list[Gateway], key: str, seconds: float = DRIVE_SECONDS) -> list[Outcome]:
-    """``_drive``, with the SDK's per-request DEBUG lines off (the load would spend its time logging)."""
+def drive(gateways: list[Gateway], key: str, *, clocks: list[Gateway], seconds: float = DRIVE_SECONDS
+          ) -> list[Outcome]:
+    """``_drive`` with ``clocks`` moving in step with real time, and the SDK's per-request DEBUG lines off
+    (the load would spend its time logging)."""
     loggers = [logging.getLogger(name) for name in ("openai", "httpx", "httpcore", "httpcore2")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.WARNING)
     try:
-        return asyncio.run(_drive(gateways, key, seconds))
+        with clocks_in_step(clocks):
+            return asyncio.run(_drive(gateways, key, seconds))
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
@@ -184,14 +208,6 @@ def table_minutes(gw: Gateway, name: str, minutes: list[str]) -> dict[str, int]:
     return gw.loop.run(read())
 
 
-def wait_for_window_end(seconds_before: float) -> None:
-    """Return ``seconds_before`` (a little less) before the current UTC minute ends; wait for the next
-    minute's if this one is too close to its end."""
-    into = time.time() % 60
-    target = 60 - seconds_before
-    time.sleep(target - into if into <= target else 60 - into + target)
-
-
 def shared_key(gateways: list[Gateway], limits: Limits) -> tuple[str, str, int]:
     """A new key with ``limits``, already used once on each gateway (so none looks it up under load),
     and the tokens those first requests used."""
@@ -223,15 +239,16 @@ def test_gateways_sharing_a_key_admit_at_most_its_minute_quota(
     group = gateways[:instances]
     limits = Limits(tokens_per_minute=QUOTA) if meter == "tokens" else Limits(requests_per_minute=REQUESTS_QUOTA)
     name, key, warm_up = shared_key(group, limits)
-    wait_for_window_end(BEFORE_MINUTE_END)
-    outcomes = drive(group, key)
+    skip_to_window_end(gateways, BEFORE_MINUTE_END)
+    first_minute = datetime.fromtimestamp(gateway_time(gateways), UTC).isoformat()[:16]
+    outcomes = drive(group, key, clocks=gateways)
     assert set(statuses(outcomes)) == {200, 429}, statuses(outcomes)
 
     admitted = [o for o in outcomes if o.status == 200]
     answered = warm_up + sum(o.tokens for o in admitted)
     eventually(lambda: sum(admitted_by_minute(group, name).values()) == answered, timeout=15,
                message=lambda: f"records {admitted_by_minute(group, name)} vs {answered} tokens answered")
-    minutes = admitted_by_minute(group, name, meter)
+    minutes = {m: used for m, used in admitted_by_minute(group, name, meter).items() if m >= first_minute}
     assert len(minutes) == 2, f"the drive covers the end of one minute and the start of the next: {minutes}"
     quota, one_request = (QUOTA, max(o.tokens for o in admitted)) if meter == "tokens" else (REQUESTS_QUOTA, 1)
     assert all(used <= quota * TOLERANCE + one_request for used in minutes.values()), (
@@ -258,7 +275,7 @@ def test_shared_quota_costs_few_table_operations_per_admitted_request(
     per_minute = int(RATE * len(group) * 60 * 40 * 1.5)  # ~40 tokens a request: the drive uses under 2/3
     _, key, _ = shared_key(group, Limits(tokens_per_minute=per_minute))
     started = time.monotonic()
-    outcomes = drive(group, key)
+    outcomes = drive(group, key, clocks=gateways)
     ended = time.monotonic()
 
     assert statuses(outcomes) == {200: len(outcomes)}
