@@ -13,6 +13,7 @@ from azurefunctions.extensions.http.fastapi import Request, StreamingResponse
 
 from gateway import (
     GatewayRuntime,
+    UsagePage,
     check_health,
     check_ready,
     list_models,
@@ -34,6 +35,7 @@ logging.getLogger("uvicorn.error").addFilter(lambda record: record.levelno >= lo
 app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
 runtime = GatewayRuntime()
 aggregator = AggregatorRuntime()
+team_usage = UsagePage(runtime)
 
 
 @app.route(route="openai/deployments/{deployment}/chat/completions", methods=["POST"])
@@ -160,6 +162,24 @@ async def health(req: Request) -> StreamingResponse:
 @app.route(route="health/ready", methods=["GET"])
 async def health_ready(req: Request) -> StreamingResponse:
     return await check_ready(runtime, req)
+
+
+# -- the teams' usage page: their own key's usage, read from the usage table (no AOAI call, no quota) ----------
+
+
+@app.route(route="usage", methods=["GET"])
+async def usage_page(req: Request) -> StreamingResponse:
+    return await team_usage.page(req)
+
+
+@app.route(route="usage/data", methods=["GET"])
+async def usage_data(req: Request) -> StreamingResponse:
+    return await team_usage.data(req)
+
+
+@app.route(route="usage/statement.csv", methods=["GET"])
+async def usage_statement(req: Request) -> StreamingResponse:
+    return await team_usage.statement(req)
 
 
 @app.route(route="{*path}")

@@ -27,6 +27,7 @@ from gateway._records import LoggingSink, Usage, UsageRecord, UsageSink
 from gateway._runtime import GatewayRuntime
 from gateway._settings import BackendConfig, Settings, load_settings
 from gateway._telemetry import setup_telemetry
+from gateway._usage_page import UsagePage
 
 __all__ = [
     "BackendConfig",
@@ -47,6 +48,7 @@ __all__ = [
     "UpstreamFailed",
     "UpstreamTimedOut",
     "Usage",
+    "UsagePage",
     "UsageRecord",
     "UsageSink",
     "check_health",

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gateway._exceptions import SettingsError
-from gateway._settings import load_settings
+from gateway._settings import load_settings, unknown_price_backends
 from usage._config import read_environment
 
 
@@ -24,10 +24,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level)
     app_dir = Path.cwd()
     try:
-        load_settings(read_environment(directory=app_dir))
+        settings = load_settings(read_environment(directory=app_dir))
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for deployment, names in unknown_price_backends(settings).items():
+        print(f"warning: PRICES overrides backend(s) {', '.join(names)} for {deployment}, which AOAI_BACKENDS "
+              "does not have (a typo prices their events at the deployment's own rates)", file=sys.stderr)
     if not (app_dir / "function_app.py").is_file():
         print(f"error: there is no function_app.py in {app_dir}; run this from the project folder", file=sys.stderr)
         return 2

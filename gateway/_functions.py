@@ -28,6 +28,7 @@ _GATEWAY_PATHS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"/openai/(?:v1/)?responses/[^/]+/cancel/?", "POST"),
         (r"/openai/(?:v1/)?responses/[^/]+/input_items/?", "GET"),
         (r"/openai/v1/models/?", "GET"),
+        (r"/usage(?:/data|/statement\.csv)?/?", "GET"),
     ))
 
 

@@ -70,7 +70,9 @@ class GatewayRuntime:
         self._stopping: asyncio.Task[None] | None = None
         self.publisher: UsagePublisher | None = None
         self.content: ContentLog | None = None
-        self.tables: TableServiceClient | None = None  # for the readiness check
+        self.tables: TableServiceClient | None = None  # for the readiness check and the usage page
+        self.keys: KeyCache | None = None  # for the usage page, which authenticates as the proxy does
+        self.wall_clock: Callable[[], float] = time.time
         self.telemetry = Telemetry.off()
 
     def configure(
@@ -113,7 +115,7 @@ class GatewayRuntime:
                 self._proxy = self._build(settings, clock=clock, wall_clock=wall_clock, random=random,
                                           sink=sink, credential=credential)
             except BaseException:
-                self.tables = None
+                self.tables = self.keys = None
                 await self._release()  # nothing half-built stays open
                 raise
             self._warming = asyncio.get_running_loop().run_in_executor(None, _tokens.warm)
@@ -157,6 +159,7 @@ class GatewayRuntime:
                         previous_secret=settings.key_hash_previous_secret, rehash=store.rehash,
                         wall_clock=wall_clock)
         self._closers.append(keys.close)
+        self.keys, self.wall_clock = keys, wall_clock
         self.telemetry = Telemetry.from_env(settings.backends)  # exporters from the environment, once per process
         quota = QuotaGuard(TableUsage(tables, timeout=settings.key_lookup_timeout),
                            TableBudgets(tables, timeout=settings.key_lookup_timeout),
@@ -265,7 +268,7 @@ class GatewayRuntime:
         if self._lock is None:
             return
         async with self._lock:
-            self._proxy = self.tables = None
+            self._proxy = self.tables = self.keys = None
             flushes = []  # both at once: SIGTERM gives them SIGTERM_FLUSH_SECONDS together
             if self.publisher is not None:
                 publisher, self.publisher = self.publisher, None

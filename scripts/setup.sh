@@ -85,3 +85,16 @@ if [ ! -f .azurite/node_modules/azurite/dist/src/azurite.js ]; then
   mkdir -p .azurite
   npm install --silent --no-audit --no-fund --prefix .azurite "azurite@$AZURITE_VERSION" >/dev/null
 fi
+
+# Debian's Chromium, for the usage page's browser test (tests/test_usage_page.py drives it over the DevTools
+# protocol). Installed only when missing; needs root (CI and the developers' machines run as root).
+if [ ! -x /usr/bin/chromium ]; then
+  command -v apt-get >/dev/null 2>&1 || { echo "setup: /usr/bin/chromium is missing and apt-get is not here" >&2; exit 1; }
+  echo "setup: installing Chromium (apt-get)"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! apt-get install -y -qq --no-install-recommends chromium >.venv/chromium.log 2>&1; then
+    apt-get update -qq >>.venv/chromium.log 2>&1 || true
+    apt-get install -y -qq --no-install-recommends chromium >>.venv/chromium.log 2>&1 \
+      || { cat .venv/chromium.log >&2; echo "setup: installing chromium failed" >&2; exit 1; }
+  fi
+fi

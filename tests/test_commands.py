@@ -79,7 +79,7 @@ def test_keys_cli_and_serve_end_to_end(environment: tuple[dict[str, str], Simula
         server.send_signal(signal.SIGINT)
         output, _ = server.communicate(timeout=30)
     assert server.returncode == 0, output
-    assert "worker loaded 27 function(s)" in output and "stopped" in output
+    assert "worker loaded 30 function(s)" in output and "stopped" in output
     assert document["key"] not in output and "backend-secret" not in output
     report = run(["-m", "usage", "report", "--key", "cli-team", "--format", "json"], env, tmp_path)
     [row] = json.loads(report.stdout)

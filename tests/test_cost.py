@@ -73,12 +73,16 @@ def month_events(key: str) -> list[dict[str, Any]]:
     times += [datetime(2026, 10, 31, 23, 59, tzinfo=UTC), datetime(2026, 12, 1, 0, 0, tzinfo=UTC)]
     for n, when in enumerate(times):
         prompt, completion = 1000 + 37 * n, 200 + 13 * n
+        refused = n % 25 == 23  # a 429 on the unpriced deployment: no tokens, so no unpriced usage
+        if refused:
+            prompt = completion = 0
         documents.append({
             "schema": 1, "event_id": f"{key}-{n:06d}", "time": when.isoformat(), "key_name": key,
             "deployment": DEPLOYMENTS[n % len(DEPLOYMENTS)], "model": "m", "backend": ("eastus", "ptu")[n // 5 % 2],
             "operation": "chat/completions", "streaming": True, "prompt_tokens": prompt,
-            "completion_tokens": completion, "total_tokens": prompt + completion, "cached_tokens": (n % 4) * 100,
-            "reasoning_tokens": (n % 3) * 50, "usage_source": "reported", "status": 200,
+            "completion_tokens": completion, "total_tokens": prompt + completion,
+            "cached_tokens": 0 if refused else (n % 4) * 100, "reasoning_tokens": 0 if refused else (n % 3) * 50,
+            "usage_source": "reported", "status": 429 if refused else 200,
         })
     return documents
 
@@ -126,12 +130,12 @@ async def test_cost_equals_tokens_times_price_over_a_mixed_month(service: Any, s
         row["requests"] += 1
         priced = reference_cost(document)
         if priced is None:
-            row["unpriced_requests"] += 1
+            row["unpriced_requests"] += document["status"] < 400
         else:
             row["cost"] += priced[0]
             row["currency"] = priced[1]
     # the mix is what the test says it is: a change mid-month, a free backend, unpriced usage in two forms
-    assert wanted["o-unpriced"]["unpriced_requests"] == wanted["o-unpriced"]["requests"] > 0
+    assert 0 < wanted["o-unpriced"]["unpriced_requests"] < wanted["o-unpriced"]["requests"]  # refusals aside
     assert 0 < wanted["embed-eur"]["unpriced_requests"] < wanted["embed-eur"]["requests"]
     assert any(d["backend"] == "ptu" and d["deployment"] == "gpt-4o" and d["time"] >= "2026-11-15" for d in november)
     assert all(r["cost"] * 10**9 == int(r["cost"] * 10**9) for r in wanted.values())  # nano-units are exact
@@ -165,7 +169,7 @@ async def test_cost_equals_tokens_times_price_over_a_mixed_month(service: Any, s
         assert (sum(Decimal(r["cost"]) for r in by_day if r["currency"] == currency)
                 == sum(Decimal(r["cost"]) for r in statement if r["currency"] == currency))
     assert (sum(r["unpriced_requests"] for r in by_day) == sum(r["unpriced_requests"] for r in statement)
-            == sum(reference_cost(d) is None for d in november))
+            == sum(reference_cost(d) is None and d["status"] < 400 for d in november))
 
     # what the usage page reads: day rows and one key's statement, in nano-units
     days = await read_days(service, since=date(2026, 11, 1), until=date(2026, 11, 30), key=key)
@@ -302,3 +306,16 @@ async def test_cost_past_int64_is_rejected_not_lost(service: Any) -> None:
     rejects = service.get_table_client(REJECTS_TABLE)
     [reject] = [e async for e in rejects.query_entities("MessageId eq @m", parameters={"m": f"huge-{key}"})]
     assert "Int64" in reject["Reason"]
+
+
+def test_serve_warns_of_a_price_override_for_a_backend_it_lacks(tmp_path: Path) -> None:
+    """python -m gateway serve names, at start-up, a PRICES override of a backend AOAI_BACKENDS does not have."""
+    backends = json.dumps([{"name": "east", "endpoint": "https://east.example"}])
+    prices = json.dumps({"gpt-4o": {"currency": "USD", "input": 1, "cached_input": 1, "output": 2,
+                                    "backends": {"eastt": {"input": 0, "cached_input": 0, "output": 0}}}})
+    env = {**os.environ, "AOAI_BACKENDS": backends, "UsageStorage": "UseDevelopmentStorage=true", "PRICES": prices,
+           "PYTHONPATH": str(PROJECT)}
+    done = subprocess.run([sys.executable, "-m", "gateway", "serve", "--port", "1"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert "warning: PRICES overrides backend(s) eastt for gpt-4o" in done.stderr
+    assert "no function_app.py" in done.stderr  # stopped after the settings: this folder has no app

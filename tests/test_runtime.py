@@ -30,7 +30,7 @@ def test_indexing_reports_the_bindings_azure_will_see(gateway: Gateway) -> None:
     """The runtime indexes every function with its routes, methods and the Service Bus batch trigger."""
     triggers = {f.name: f.trigger for f in gateway.host.functions}
     routes = {name: (t["route"], t.get("methods")) for name, t in triggers.items() if t["type"] == "httpTrigger"}
-    assert set(triggers) == {*routes, "aggregate_usage", "clean_usage_ledger"} and len(triggers) == 27
+    assert set(triggers) == {*routes, "aggregate_usage", "clean_usage_ledger"} and len(triggers) == 30
     methods = {name: [m.upper() for m in found] if found else found for name, (_, found) in routes.items()}
     assert {name: (route, methods[name]) for name, (route, _) in routes.items()} == {
         "chat_completions": ("openai/deployments/{deployment}/chat/completions", ["POST"]),
@@ -57,6 +57,9 @@ def test_indexing_reports_the_bindings_azure_will_see(gateway: Gateway) -> None:
         "v1_audio_speech": ("openai/v1/audio/speech", ["POST"]),
         "health": ("health", ["GET"]),
         "health_ready": ("health/ready", ["GET"]),
+        "usage_page": ("usage", ["GET"]),
+        "usage_data": ("usage/data", ["GET"]),
+        "usage_statement": ("usage/statement.csv", ["GET"]),
         "not_found": ("{*path}", routes["not_found"][1]),
     }
     assert routes["not_found"][1] in (None, [])  # every method

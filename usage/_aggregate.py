@@ -122,10 +122,11 @@ class _Counted:
 
 
 def _increments(event: UsageEvent, cost: int | None) -> tuple[int, ...]:
-    """What ``event`` adds to ``_ALL_COUNTERS``: tokens, then its cost (or one unpriced request)."""
+    """What ``event`` adds to ``_ALL_COUNTERS``: tokens, then its cost (or one unpriced request, unless it is a
+    refusal that used no tokens: an error answer with 0 tokens costs nothing and is no unpriced usage)."""
     return (1, event.prompt_tokens, event.completion_tokens, event.total_tokens, event.cached_tokens,
             event.reasoning_tokens, event.total_tokens if event.estimated else 0,
-            0 if cost is None else cost, 1 if cost is None else 0)
+            0 if cost is None else cost, 1 if cost is None and (event.total_tokens > 0 or event.status < 400) else 0)
 
 
 def _fitting(
