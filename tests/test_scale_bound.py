@@ -265,13 +265,14 @@ def test_gateways_sharing_a_key_admit_at_most_its_minute_quota(
                message=lambda: f"usage table {table_minutes(group[0], name, list(tokens))} vs records {tokens}")
 
 
+@pytest.mark.parametrize("instances", [2, 4])
 def test_shared_quota_costs_few_table_operations_per_admitted_request(
-        gateways: list[Gateway], table_proxy: CountingTableProxy) -> None:
-    """Two gateways at 40 requests/s each under a key whose minute quota they do not reach: every request
-    is admitted, and in the steady state the request path (key lookups, quota reads or budget leases;
-    not the usage aggregation, which runs off the request path in Azure) makes at most 0.2 Table
-    operations per admitted request."""
-    group = gateways[:2]
+        gateways: list[Gateway], table_proxy: CountingTableProxy, instances: int) -> None:
+    """Gateways at 40 requests/s each under a key whose minute quota they do not reach: every request is
+    admitted, and in the steady state the request path (key lookups, quota reads or budget leases; not
+    the usage aggregation, which runs off the request path in Azure) makes at most 0.2 Table operations
+    per admitted request."""
+    group = gateways[:instances]
     per_minute = int(RATE * len(group) * 60 * 40 * 1.5)  # ~40 tokens a request: the drive uses under 2/3
     _, key, _ = shared_key(group, Limits(tokens_per_minute=per_minute))
     started = time.monotonic()
