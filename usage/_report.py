@@ -14,7 +14,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables.aio import TableServiceClient
 
 from usage._prices import format_cost, parse_amount
-from usage._schema import COUNTERS, USAGE_TABLE
+from usage._schema import COUNTERS, USAGE_TABLE, month_partitions
 from usage._tables import as_int
 
 FIELDS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens",
@@ -63,12 +63,8 @@ async def read_days(
     for index, month in enumerate(months, 1):
         progress(f"reading {month} ({index}/{len(months)}), {len(rows)} day rows so far")
         parameters: dict[str, Any] = {"lo": f"day|{since:%Y-%m-%d}", "hi": f"day|{until:%Y-%m-%d}|~"}
-        if key is not None:
-            where = "PartitionKey eq @pk"
-            parameters["pk"] = f"{month}|{key}"
-        else:
-            where = "PartitionKey ge @pk_lo and PartitionKey lt @pk_hi"
-            parameters.update(pk_lo=f"{month}|", pk_hi=f"{month}}}")  # '}' sorts right after '|'
+        where, partitions = month_partitions(month, key)
+        parameters.update(partitions)
         query = f"{where} and RowKey ge @lo and RowKey lt @hi"
         if deployment is not None:
             query += " and Deployment eq @deployment"

@@ -37,6 +37,14 @@ def period_start(period: str, when: datetime) -> str:
     return when.isoformat()[:_PERIOD_LENGTH[period]]
 
 
+def month_partitions(month: str, key_name: str | None) -> tuple[str, dict[str, str]]:
+    """A filter on ``month``'s partitions (``YYYY-MM``): ``key_name``'s one, or every key's; and its parameters."""
+    if key_name is not None:
+        return "PartitionKey eq @pk", {"pk": f"{month}|{key_name}"}
+    return "PartitionKey ge @pk_lo and PartitionKey lt @pk_hi", {"pk_lo": f"{month}|", "pk_hi": f"{month}}}"}
+    # '}' sorts right after '|': the range holds every "<month>|<key>"
+
+
 def counter_row(period: str, when: datetime, deployment: str) -> str:
     return f"{period}|{period_start(period, when)}|{deployment}"
 

@@ -16,7 +16,7 @@ from azure.data.tables.aio import TableServiceClient
 
 from usage._prices import format_cost
 from usage._report import as_csv, as_table, totals
-from usage._schema import USAGE_TABLE
+from usage._schema import USAGE_TABLE, month_partitions
 from usage._tables import as_int
 
 #: a statement row's fields, in order (JSON objects, CSV columns, table columns)
@@ -66,12 +66,8 @@ async def statement_rows(service: TableServiceClient, *, month: str, key: str | 
         raise ValueError(f"{month!r} is not a month like 2026-11")
     table = service.get_table_client(USAGE_TABLE)
     parameters: dict[str, Any] = {"lo": f"month|{month}|", "hi": f"month|{month}|~"}
-    if key is not None:
-        where = "PartitionKey eq @pk"
-        parameters["pk"] = f"{month}|{key}"
-    else:
-        where = "PartitionKey ge @pk_lo and PartitionKey lt @pk_hi"
-        parameters.update(pk_lo=f"{month}|", pk_hi=f"{month}}}")  # '}' sorts right after '|'
+    where, partitions = month_partitions(month, key)
+    parameters.update(partitions)
     rows: list[StatementRow] = []
     try:
         async for entity in table.query_entities(f"{where} and RowKey ge @lo and RowKey lt @hi",
