@@ -62,7 +62,11 @@ RECHECK_SECONDS = 10.0
 MAX_CONFLICTS = 8
 #: shares of a monthly money budget (percent) at which a warning is logged, once per key, month and instance
 BUDGET_WARNINGS = (80, 100)
-_USAGE_COLUMNS = {"tokens": "TotalTokens", "requests": "Requests", "cost": "CostNano"}
+#: The usage table's column that counts each unit. Requests have none: its ``Requests`` counts every answer,
+#: refusals included (a 400, a 403, a 429), which a request-rate limit must not count; the budget row alone
+#: holds the requests admitted.
+_USAGE_COLUMNS = {"tokens": "TotalTokens", "cost": "CostNano"}
+_COUNTED_METERS = tuple(meter for meter in METERS if meter.unit in _USAGE_COLUMNS)
 
 
 def _smoothed(typical: int, value: int) -> int:
@@ -76,7 +80,7 @@ class UsageReader(Protocol):
 
 
 class TableUsage:
-    """A key's tokens, requests and cost in its current windows, over all deployments, from the usage table."""
+    """A key's tokens and cost in its current windows, over all deployments, from the usage table."""
 
     def __init__(self, service: TableServiceClient, *, timeout: float) -> None:
         self._table: TableClient = service.get_table_client(USAGE_TABLE)
@@ -89,14 +93,14 @@ class TableUsage:
             parameters[f"{window}_lo"] = f"{window}|{windows[window]}|"
             parameters[f"{window}_hi"] = f"{window}|{windows[window]}|~"
             terms.append(f"( RowKey ge @{window}_lo and RowKey lt @{window}_hi )")
-        totals = dict.fromkeys(METERS, 0)
+        totals = dict.fromkeys(_COUNTED_METERS, 0)
         try:
             async for entity in self._table.query_entities(
                 f"PartitionKey eq @pk and ( {' or '.join(terms)} )", parameters=parameters,
                 select=["RowKey", *_USAGE_COLUMNS.values()], **self._options,
             ):
                 window = str(entity["RowKey"]).split("|", 1)[0]
-                for meter in METERS:
+                for meter in _COUNTED_METERS:
                     if meter.window == window:
                         totals[meter] += as_int(entity.get(_USAGE_COLUMNS[meter.unit]))
         except ResourceNotFoundError:  # no usage table yet: nothing used

@@ -319,3 +319,23 @@ def test_serve_warns_of_a_price_override_for_a_backend_it_lacks(tmp_path: Path) 
                           capture_output=True, text=True, timeout=60, check=False)
     assert "warning: PRICES overrides backend(s) eastt for gpt-4o" in done.stderr
     assert "no function_app.py" in done.stderr  # stopped after the settings: this folder has no app
+
+
+def test_statement_refuses_a_month_in_other_digits(storage: str) -> None:
+    """statement --month takes ASCII digits only: "２０２６-11" is refused (exit 2), not read as an empty month."""
+    done = subprocess.run([sys.executable, "-m", "usage", "statement", "--month", "２０２６-11"], cwd=PROJECT,
+                          capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "UsageStorage": storage})
+    assert done.returncode == 2 and "not a month" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_output_into_a_closed_pipe_is_no_traceback(storage: str) -> None:
+    """`python -m usage statement ... | head` where the reader has gone: no traceback on stderr."""
+    process = subprocess.Popen([sys.executable, "-m", "usage", "statement", "--month", "2026-11", "--format", "csv"],
+                               cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "UsageStorage": storage})
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # before the command writes anything
+    stderr = process.stderr.read().decode()
+    process.wait(timeout=120)
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr

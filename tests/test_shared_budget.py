@@ -426,3 +426,37 @@ def test_a_request_larger_than_the_budget_left_is_served_while_it_is_not_spent(s
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=100_000)
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=10)
         assert not any(name in line and "budget" in line for line in gw.logs.lines)
+
+
+def minute_requests(storage: str, name: str) -> int:
+    """The key's requests in its minute rows of the usage table, refusals included (0 before anything is counted)."""
+    with TableServiceClient.from_connection_string(storage) as service:
+        rows = service.get_table_client("usage").query_entities(
+            "PartitionKey eq @pk", parameters={"pk": f"{datetime.now(UTC):%Y-%m}|{name}"})
+        try:
+            return sum(as_int(r.get("Requests")) for r in rows if str(r["RowKey"]).startswith("minute|"))
+        except ResourceNotFoundError:
+            return 0
+
+
+def test_refused_requests_do_not_use_up_the_request_rate(gateway: Gateway) -> None:
+    """Answers the gateway refuses before admitting (403 out of scope) are counted in the usage table, but not
+    against requests_per_minute: once they are counted, the key still gets its R requests in that minute."""
+    name = f"rate-{uuid.uuid4().hex[:8]}"
+    client = client_for(gateway, gateway.create_key(name, Limits(requests_per_minute=3),
+                                                    deployments=frozenset({"gpt-4o"})))
+    at_a_minute_start(gateway)
+    for _ in range(4):
+        with pytest.raises(openai.PermissionDeniedError):
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    eventually(lambda: minute_requests(storage_of(gateway), name) >= 4)
+    for _ in range(3):
+        assert client.chat.completions.create(model="gpt-4o", messages=MESSAGES).choices
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+
+
+def storage_of(gw: Gateway) -> str:
+    connection_string = gw.settings.storage.connection_string
+    assert connection_string is not None
+    return connection_string

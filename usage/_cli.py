@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -433,4 +434,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO = sys.stdout) -> int:
     except AzureError as exc:
         where = "Blob Storage" if args.command == "content" else "Table Storage"
         print(f"error: {where}: {type(exc).__name__}: {exc.message}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted; no traceback, no flush error at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

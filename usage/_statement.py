@@ -22,7 +22,7 @@ from usage._tables import as_int
 #: a statement row's fields, in order (JSON objects, CSV columns, table columns)
 STATEMENT_FIELDS = ("key", "deployment", "requests", "prompt_tokens", "cached_tokens", "completion_tokens",
                     "reasoning_tokens", "total_tokens", "cost", "currency", "unpriced_requests")
-_MONTH = re.compile(r"(\d{4})-(0[1-9]|1[0-2])")
+_MONTH = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")  # ASCII digits only (\d takes "２０２６" too)
 _COLUMNS = (("requests", "Requests"), ("prompt_tokens", "PromptTokens"), ("cached_tokens", "CachedTokens"),
             ("completion_tokens", "CompletionTokens"), ("reasoning_tokens", "ReasoningTokens"),
             ("total_tokens", "TotalTokens"))
