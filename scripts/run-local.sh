@@ -101,6 +101,8 @@ for chunk in client.chat.completions.create(model="gpt-4o", stream=True,
 Usage is counted in Table Storage half a second after each request: ".venv/bin/python -m usage report"
 shows it (add --format chart for a picture). The demo key logs its prompts and completions (CONTENT_LOG):
 ".venv/bin/python -m usage content --key demo --format table" reads them a second after each request.
+Costs (PRICES in local.settings.json): ".venv/bin/python -m usage statement". Teams see their usage and
+cost in a browser at http://127.0.0.1:$PORT/usage (paste the key there).
 Ctrl-C stops the gateway, the regions and Azurite.
 
 MSG
