@@ -448,6 +448,8 @@ class QuotaGuard:
                 if limit is None:
                     continue
                 account = state.account(meter, periods[meter.window])
+                if str(row.get(meter.period_column) or "") > account.period:
+                    continue  # another instance opened a newer window: this one's is over; never move the row back
                 account.note_rate(self._clock())
                 granted = as_int(row.get(meter.granted_column)) if row.get(meter.period_column) == account.period \
                     else 0

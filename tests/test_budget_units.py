@@ -408,3 +408,29 @@ async def test_a_request_that_arrived_in_the_last_minute_does_not_reset_the_new_
     late = await g.admit(key, estimate=100, arrived=NOON - 31)  # 11:59:59
     assert late.taken[TOKENS_MINUTE][0] == first.taken[TOKENS_MINUTE][0] == "2026-11-30T12:00"
     assert late.remaining == 10_000 - 200 and budgets.operations == operations
+
+
+async def test_a_lease_for_a_window_already_over_does_not_move_the_row_back() -> None:
+    """An instance still in the last minute (its lease made, or retried, after another instance opened the new
+    one) never writes the old minute back over the new one: the new minute's grants stand, and the instance in it
+    admits at most the quota."""
+    budgets, clock = MemoryBudgets(), FakeClock()
+    key = team(tokens_per_minute=1000)
+    behind, ahead = guard(budgets, clock), guard(budgets, clock)
+    await behind.admit(key, estimate=100, arrived=NOON - 31)  # 11:59:59
+    await settle()
+    await ahead.admit(key, estimate=100, arrived=NOON)  # 12:00:30: the row moves to the new minute
+    await settle()
+    with contextlib.suppress(QuotaExceeded):  # more than its slice holds: a lease, for the minute that is over
+        await behind.admit(key, estimate=450, arrived=NOON - 31)
+    await settle()
+    assert budgets.rows["team-budget"][0][TOKENS_MINUTE.period_column] == "2026-11-30T12:00"
+    admitted = 100
+    for _ in range(30):
+        try:
+            await ahead.admit(key, estimate=100, arrived=NOON)
+        except QuotaExceeded:
+            break
+        admitted += 100
+        await settle()
+    assert admitted <= 1000
