@@ -1,6 +1,7 @@
-"""A relay in front of Azurite's table port that counts the Table Storage operations passing through it.
+"""A relay in front of Azurite's table port that counts the Table Storage operations passing through it,
+and that a test can make hang (as a SIGSTOPped server) or refuse.
 
-For the scale benchmark (bench/bench_scale.py) and the multi-gateway tests: point every gateway at
+For the scale benchmark (bench/bench_scale.py) and the tests: point every gateway at
 ``connection_string`` instead of Azurite's, and read ``operations`` (each request's time, method and
 table) afterwards. Each operation is one HTTP request to the table service; an entity-group
 transaction (``$batch``) is one operation, named after the table its changes go to.
@@ -18,9 +19,10 @@ import contextlib
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote
 
 from devkit.services import free_port
@@ -98,7 +100,9 @@ class _RequestCounter:
 
 
 class CountingTableProxy:
-    """Relays every connection to Azurite's table port and notes each request in ``operations``.
+    """Relays every connection to Azurite's table port and notes each request in ``operations``, until told
+    to ``hang`` (connections accepted, nothing answered, as under SIGSTOP; data resumes on ``restore`` as
+    after SIGCONT) or to ``refuse`` (nothing listens, open connections are reset).
 
     Runs its own event loop in a thread, so it serves whatever the caller's threads and loops do.
     """
@@ -115,23 +119,44 @@ class CountingTableProxy:
         self._thread = threading.Thread(target=self._loop.run_forever, name="table proxy", daemon=True)
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()  # clear while hung
 
     def start(self) -> None:
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(10)
+        self._run(self._listen())
+
+    def hang(self) -> None:
+        """Keep accepting connections, but answer nothing until ``restore``."""
+        self._run(self._hang())
+
+    def refuse(self) -> None:
+        """Stop listening (connections are refused) and reset the open ones."""
+        self._run(self._stop())
+
+    def restore(self) -> None:
+        """Relay again; held data goes on, as after SIGCONT."""
+        self._run(self._listen())
 
     def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
+        self._run(self._stop())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
+
+    def _run(self, step: Coroutine[Any, Any, None]) -> None:
+        asyncio.run_coroutine_threadsafe(step, self._loop).result(10)
 
     def between(self, start: float, end: float) -> list[TableOp]:
         """The operations noted from ``start`` to ``end`` (``time.monotonic()`` values)."""
         return [op for op in list(self.operations) if start <= op.time < end]
 
+    async def _hang(self) -> None:
+        self._flowing.clear()
+
     async def _listen(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self._flowing.set()
+        if self._server is None:
+            self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
 
     async def _stop(self) -> None:
         if self._server is not None:
@@ -145,6 +170,7 @@ class CountingTableProxy:
         self._connections.add(writer)
         upstream: asyncio.StreamWriter | None = None
         try:
+            await self._flowing.wait()
             with contextlib.suppress(OSError):  # Azurite gone: the client sees its connection closed
                 up_reader, upstream = await asyncio.open_connection("127.0.0.1", self._target)
                 self._connections.add(upstream)
@@ -160,11 +186,11 @@ class CountingTableProxy:
                     self._connections.discard(end)
                     end.close()
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     counter: _RequestCounter | None) -> None:
         with contextlib.suppress(OSError):
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 if counter is not None:
                     counter.feed(data)
                 writer.write(data)

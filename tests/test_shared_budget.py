@@ -23,7 +23,7 @@ from gateway._budget import BUDGET_ROW, BUDGET_TABLE, window_end
 from gateway._quota import RECHECK_SECONDS
 from tests.fakes import CLOCK_START
 from tests.harness import Gateway, eventually, http, running_gateway
-from tests.storage_proxy import StorageProxy, storage_proxy
+from tests.storage_proxy import gateway_behind
 from usage._keys import Limits
 from usage._prices import parse_prices
 from usage._tables import as_int
@@ -141,14 +141,6 @@ def test_request_rate_limit_from_the_cli(storage: str, monkeypatch: pytest.Monke
         is None
 
 
-@contextmanager
-def gateway_behind(storage: str, **overrides: Any) -> Iterator[tuple[Gateway, StorageProxy]]:
-    with storage_proxy(storage) as proxy, running_gateway(proxy.connection_string, **overrides) as gw:
-        try:
-            yield gw, proxy
-        finally:
-            proxy.restore()
-
 
 @pytest.mark.parametrize("fault", ["hang", "refuse"])
 def test_quota_fails_closed_when_asked(storage: str, fault: str) -> None:
@@ -177,12 +169,12 @@ def test_a_busy_key_costs_few_table_operations(storage: str) -> None:
                                               Limits(tokens_per_minute=10_000_000, tokens_per_day=100_000_000,
                                                      requests_per_minute=100_000)))
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=20)
-        before = len(proxy.requests)
+        before = len(proxy.operations)
         for _ in range(200):
             gw.clock.advance(0.025)
             client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=20)
-        quota_calls = [p for p in proxy.requests[before:]
-                       if BUDGET_TABLE in p or (p.startswith("/devstoreaccount1/usage()") and "select" in p)]
+        quota_calls = [op.target for op in proxy.operations[before:] if op.table == BUDGET_TABLE
+                       or (op.table == "usage" and op.method == "GET" and "select" in op.target)]
         assert len(quota_calls) / 200 <= 0.2, quota_calls
 
 

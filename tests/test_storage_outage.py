@@ -4,29 +4,18 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import openai
 import pytest
 
-from tests.harness import Gateway, running_gateway
-from tests.storage_proxy import StorageProxy, storage_proxy
+from tests.harness import Gateway
+from tests.storage_proxy import gateway_behind
 from usage._keys import Limits
 
 MESSAGES: Any = [{"role": "user", "content": "Say hello"}]
 FAULTS = ["hang", "refuse"]
 
-
-@contextmanager
-def gateway_behind(storage: str, **overrides: Any) -> Iterator[tuple[Gateway, StorageProxy]]:
-    """A gateway whose Table Storage goes through a ``StorageProxy``; storage is back before shutdown."""
-    with storage_proxy(storage) as proxy, running_gateway(proxy.connection_string, **overrides) as gw:
-        try:
-            yield gw, proxy
-        finally:
-            proxy.restore()  # so shutdown flushes the usage events at once
 
 
 def client_for(gw: Gateway, key: str) -> openai.AzureOpenAI:
