@@ -223,15 +223,21 @@ def test_monthly_budget_in_money(storage: str) -> None:
                                for gw in (east, west) for line in gw.logs.lines) >= 1)
 
 
-def month_cost(storage: str, name: str) -> int:
-    """The key's cost this month as counted in the usage table (0 before anything is)."""
+def counted(storage: str, name: str, period: str, column: str) -> int:
+    """The key's ``column`` summed over its ``period`` rows of this month in the usage table (0 before anything
+    is counted)."""
     with TableServiceClient.from_connection_string(storage) as service:
         rows = service.get_table_client("usage").query_entities(
             "PartitionKey eq @pk", parameters={"pk": f"{datetime.now(UTC):%Y-%m}|{name}"})
         try:
-            return sum(as_int(r.get("CostNano")) for r in rows if str(r["RowKey"]).startswith("month|"))
+            return sum(as_int(r.get(column)) for r in rows if str(r["RowKey"]).startswith(f"{period}|"))
         except ResourceNotFoundError:  # not aggregated yet: no usage table
             return 0
+
+
+def month_cost(storage: str, name: str) -> int:
+    """The key's cost this month as counted in the usage table."""
+    return counted(storage, name, "month", "CostNano")
 
 
 def test_money_spent_before_the_budget_counts(storage: str) -> None:
@@ -421,14 +427,8 @@ def test_a_request_larger_than_the_budget_left_is_served_while_it_is_not_spent(s
 
 
 def minute_requests(storage: str, name: str) -> int:
-    """The key's requests in its minute rows of the usage table, refusals included (0 before anything is counted)."""
-    with TableServiceClient.from_connection_string(storage) as service:
-        rows = service.get_table_client("usage").query_entities(
-            "PartitionKey eq @pk", parameters={"pk": f"{datetime.now(UTC):%Y-%m}|{name}"})
-        try:
-            return sum(as_int(r.get("Requests")) for r in rows if str(r["RowKey"]).startswith("minute|"))
-        except ResourceNotFoundError:
-            return 0
+    """The key's requests in its minute rows of the usage table, refusals included."""
+    return counted(storage, name, "minute", "Requests")
 
 
 def test_refused_requests_do_not_use_up_the_request_rate(gateway: Gateway) -> None:
